@@ -1,0 +1,121 @@
+"""Hook behaviour: cleanup after errors, replace-not-stack, private mask groups, weak references, reductions."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from lycoris.modules.tlora import get_timestep_mask
+
+import tiny
+from conftest import lycoris_rank
+from tlora_hooks import disable_tlora, enable_tlora
+from tlora_hooks.hooks import STATE_ATTRIBUTE
+
+
+def tlora_modules(denoiser):
+    return [m for layer in denoiser.modules() for m in layer.__dict__.get("_lycoris_wrappers", ())]
+
+
+def test_an_exception_inside_the_forward_leaves_no_mask(rank_probe):
+    pipe, kw = tiny.sd3()
+    handle = enable_tlora(pipe, max_rank=8)
+    group = handle.mask_groups["transformer"]
+    seen = []
+    boom = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args: (seen.append(get_timestep_mask(group)), 1 / 0)
+    )
+    with pytest.raises(ZeroDivisionError):
+        pipe(**kw)
+    assert seen and seen[0] is not None, "the mask was set during the call"
+    assert get_timestep_mask(group) is None
+    boom.remove()
+    rank_probe.watch("transformer", pipe.transformer)
+    pipe(**kw)  # the hooks are intact and the next run is masked
+    assert len(set(rank_probe.ranks())) > 1
+
+
+def test_enabling_twice_replaces_the_hooks():
+    pipe, _ = tiny.sdxl()
+    before = len(pipe.unet._forward_pre_hooks), len(pipe.unet._forward_hooks)
+    first = enable_tlora(pipe, max_rank=8)
+    second = enable_tlora(pipe, max_rank=8, alpha=2.0)
+    assert (len(pipe.unet._forward_pre_hooks), len(pipe.unet._forward_hooks)) == (before[0] + 1, before[1] + 1)
+    assert first.denoisers == [] and second.denoisers == ["unet"]
+    assert getattr(pipe.unet, STATE_ATTRIBUTE).schedule.alpha == 2.0
+    disable_tlora(pipe)
+    assert (len(pipe.unet._forward_pre_hooks), len(pipe.unet._forward_hooks)) == before
+    assert STATE_ATTRIBUTE not in pipe.unet.__dict__
+
+
+def test_handle_is_a_context_manager_and_restores_mask_groups():
+    pipe, _ = tiny.sdxl()
+    modules = tlora_modules(pipe.unet)
+    assert {m.mask_group_id for m in modules} == {0}
+    with enable_tlora(pipe, max_rank=8) as handle:
+        group = handle.mask_groups["unet"]
+        assert group != 0 and {m.mask_group_id for m in modules} == {group}
+    assert {m.mask_group_id for m in modules} == {0}
+    assert handle.denoisers == []
+
+
+def test_two_pipelines_get_private_mask_groups(rank_probe):
+    first, kw = tiny.sd3()
+    second, _ = tiny.sd3()
+    groups = enable_tlora(first, max_rank=8).mask_groups["transformer"], enable_tlora(second, max_rank=8).mask_groups["transformer"]
+    assert groups[0] != groups[1]
+    rank_probe.watch("first", first.transformer).watch("second", second.transformer)
+    first(**kw)
+    expected = [lycoris_rank(t, 1000, 8) for t in first.scheduler.timesteps]
+    assert rank_probe.ranks() == expected
+
+
+def test_dropping_the_pipeline_frees_it():
+    pipe, kw = tiny.sd3()
+    handle = enable_tlora(pipe, max_rank=8)
+    pipe(**kw)
+    pipe_ref, transformer_ref = weakref.ref(pipe), weakref.ref(pipe.transformer)
+    del pipe
+    gc.collect()
+    assert pipe_ref() is None and transformer_ref() is None
+    assert handle.denoisers == []
+    handle.remove()  # harmless once everything is gone
+
+
+def test_per_token_timesteps_take_the_noisiest_token(rank_probe):
+    """Image-to-video conditioning tokens get 0; the generated ones carry t, and set the rank."""
+    pipe, _ = tiny.wan22_ti2v()
+    pipe.scheduler.set_timesteps(4)
+    enable_tlora(pipe, max_rank=8)
+    rank_probe.watch("transformer", pipe.transformer)
+    t = pipe.scheduler.timesteps[1]
+    latents = torch.randn(2, 16, 2, 2, 2)
+    per_token = torch.full((2, 2), float(t))
+    per_token[:, 0] = 0.0  # first-frame tokens are clean
+    pipe.transformer(hidden_states=latents, timestep=per_token, encoder_hidden_states=torch.randn(2, 8, 32))
+    assert rank_probe.ranks() == [lycoris_rank(t, 1000, 8)]
+    assert lycoris_rank(t, 1000, 8) != 8, "a min or mean reduction would give another rank"
+
+
+def test_flux_bf16_value_snaps_to_the_scheduler_timestep():
+    """869.58 reaches the transformer as bf16 0.8671875; its rank is that of int(869.58)."""
+    pipe, _ = tiny.flux(rank=1000)
+    handle = enable_tlora(pipe, max_rank=1000)
+    hook = getattr(pipe.transformer, STATE_ATTRIBUTE)
+    pipe.scheduler.timesteps = torch.tensor([1000.0, 869.5759, 500.0])
+    received = (torch.tensor([869.5759]).to(torch.bfloat16) / 1000)
+    assert received.item() == 0.8671875
+    mask = hook.mask_for(received, torch.device("cpu"))
+    assert int(mask.sum()) == lycoris_rank(869.5759, 1000, 1000) != lycoris_rank(867.1875, 1000, 1000)
+    handle.remove()
+
+
+def test_mask_is_built_in_the_modules_dtype_on_the_call_device():
+    pipe, _ = tiny.flux()
+    handle = enable_tlora(pipe, max_rank=8)
+    hook = getattr(pipe.transformer, STATE_ATTRIBUTE)
+    mask = hook.mask_for(torch.tensor([0.5], dtype=torch.bfloat16), torch.device("cpu"))
+    assert mask.shape == (1, 8) and mask.dtype == tlora_modules(pipe.transformer)[0].lambda_layer.dtype
+    handle.remove()

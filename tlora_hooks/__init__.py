@@ -1,0 +1,20 @@
+"""T-LoRA timestep masking for stock Hugging Face Diffusers pipelines, through torch hooks."""
+
+from .api import disable_tlora, enable_tlora
+from .conventions import TimestepConvention, register_convention
+from .errors import TLoRAError
+from .hooks import TLoRAHandle
+from .schedule import RankSchedule, rank_for_timestep
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RankSchedule",
+    "TLoRAError",
+    "TLoRAHandle",
+    "TimestepConvention",
+    "disable_tlora",
+    "enable_tlora",
+    "rank_for_timestep",
+    "register_convention",
+]

@@ -1,0 +1,113 @@
+"""Finding denoisers on a pipeline and the T-LoRA modules in a denoiser's forward path."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from lycoris.modules.tlora import TLoraModule
+from torch import nn
+
+from .errors import TLoRAError
+
+# Pipeline attributes that hold a denoiser, and the scheduler attribute that steps it.
+DENOISER_SCHEDULERS: dict[str, str] = {
+    "unet": "scheduler",
+    "transformer": "scheduler",
+    "transformer_2": "scheduler",
+    "prior": "scheduler",
+    "decoder": "scheduler",
+    "prior_prior": "prior_scheduler",
+    "prior_unet": "prior_scheduler",
+}
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module itself under a `torch.compile` wrapper, where hooks and signatures live."""
+    return getattr(module, "_orig_mod", module)
+
+
+def is_pipeline(target: Any) -> bool:
+    """A Diffusers pipeline, detected by its config and components rather than by import."""
+    return hasattr(target, "config") and hasattr(target, "register_modules") and not isinstance(target, nn.Module)
+
+
+def pipeline_modules(pipeline: Any) -> dict[str, nn.Module]:
+    """Every `nn.Module` component of a pipeline, by attribute name."""
+    modules = {}
+    for name in pipeline.config.keys():
+        if name.startswith("_"):
+            continue
+        value = getattr(pipeline, name, None)
+        if isinstance(value, nn.Module):
+            modules[name] = value
+    return modules
+
+
+def applied_tlora_modules(denoiser: nn.Module) -> list[TLoraModule]:
+    """T-LoRA modules that LyCORIS `apply_to()` put in this module's forward path."""
+    found = []
+    for layer in unwrap(denoiser).modules():
+        for wrapper in layer.__dict__.get("_lycoris_wrappers", ()):
+            if isinstance(wrapper, TLoraModule):
+                found.append(wrapper)
+    return found
+
+
+def detached_tlora_modules(denoiser: nn.Module) -> list[TLoraModule]:
+    """T-LoRA modules built for this module's layers but not in its forward path (merged or never applied).
+
+    Only called to explain an error, so a scan of live objects is affordable.
+    """
+    layers = {id(layer) for layer in unwrap(denoiser).modules()}
+    return [
+        obj
+        for obj in gc.get_objects()
+        if issubclass(type(obj), TLoraModule) and obj.org_module and id(obj.org_module[0]) in layers
+    ]
+
+
+def no_modules_error(where: str, seen: list[str], detached: int) -> TLoRAError:
+    """The error for a target whose forward path holds no T-LoRA module."""
+    if detached:
+        return TLoRAError(
+            f"{where} has {detached} LyCORIS T-LoRA modules, but none is in the forward path: the weights were merged "
+            "with `merge_to()` (which bakes every rank in, so masking would do nothing) or never applied. Rebuild the "
+            "denoiser from its original weights and call `network.apply_to()` without `merge_to()`, "
+            "or use `tlora_hooks.load_tlora(pipe, path)`."
+        )
+    return TLoRAError(
+        f"No T-LoRA modules found in {where} (components seen: {', '.join(seen) or 'none'}). "
+        "Apply a LyCORIS `algo='tlora'` network first (`create_lycoris_from_weights(...)` then `apply_to()`, "
+        "never `merge_to()`), or load the file with `tlora_hooks.load_tlora(pipe, path)`."
+    )
+
+
+def find_denoisers(target: Any) -> dict[str, tuple[nn.Module, list[TLoraModule]]]:
+    """Every component of `target` with T-LoRA modules in its forward path, with those modules.
+
+    Raises TLoRAError when there are none, naming what was seen.
+    """
+    if isinstance(target, nn.Module):
+        components = {type(unwrap(target)).__name__: target}
+    elif is_pipeline(target):
+        components = pipeline_modules(target)
+    else:
+        raise TLoRAError(
+            f"enable_tlora expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}."
+        )
+    found = {}
+    for name, module in components.items():
+        modules = applied_tlora_modules(module)
+        if modules:
+            found[name] = (unwrap(module), modules)
+    if not found:
+        where = f"this {type(target).__name__}"
+        detached = sum(len(detached_tlora_modules(m)) for m in components.values())
+        raise no_modules_error(where, [f"{n} ({type(unwrap(m)).__name__})" for n, m in components.items()], detached)
+    return found
+
+
+def scheduler_attribute(component_name: str) -> str:
+    """The pipeline attribute holding the scheduler that steps this component."""
+    return DENOISER_SCHEDULERS.get(component_name, "scheduler")

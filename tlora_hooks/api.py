@@ -9,7 +9,14 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .conventions import TimestepConvention, TimestepFn, TimestepReader, convention_for, known_denoiser_classes
+from .conventions import (
+    ConventionChoice,
+    TimestepConvention,
+    TimestepFn,
+    TimestepReader,
+    convention_for,
+    known_denoiser_classes,
+)
 from .discovery import find_denoisers, is_pipeline, pipeline_modules, scheduler_attribute, unwrap
 from .errors import TLoRAError
 from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group
@@ -110,11 +117,16 @@ def _schedule_for(found: dict, max_rank: int | None, min_rank: int, alpha: float
 
 def _plan(
     name: str, denoiser: nn.Module, pipeline: Any, timestep_fn: TimestepFn | None
-) -> tuple[TimestepConvention, Callable]:
-    """The convention and timestep reader for one denoiser; raises for an unknown class."""
+) -> tuple[TimestepConvention | ConventionChoice, Callable]:
+    """The convention and timestep reader for one denoiser; raises for an unknown or unsupported class.
+
+    `timestep_fn` takes precedence over every row: its value is the noise-ward timestep.
+    """
     if timestep_fn is not None:
         return TimestepConvention(note="timestep_fn"), timestep_fn
     convention = convention_for(denoiser, pipeline)
+    if convention is not None and convention.default.unsupported:
+        raise TLoRAError(f"T-LoRA cannot be enabled on {name}: {convention.default.unsupported}")
     if convention is None:
         cls = type(denoiser).__name__
         raise TLoRAError(

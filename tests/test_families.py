@@ -29,26 +29,47 @@ SCHEDULE = (8, 1, 1.0)  # max_rank, min_rank, alpha
 
 
 # -- the scheduler's own timestep, noise-ward, from the loop's `t` and the scheduler's state ---------------------
-def loop_timestep(scheduler, step: int, t) -> float:
+def loop_timestep(scheduler, step: int, t, pipeline_t) -> float:
     """Most schedulers: the loop's `t` is already the noise-ward timestep."""
     return float(t)
 
 
-def edm_sigma(scheduler, step: int, t) -> float:
+def edm_sigma(scheduler, step: int, t, pipeline_t) -> float:
     """EDM / continuous schedulers pass c_noise; the step's sigma, as rectified-flow time sigma/(1+sigma), x1000."""
     sigma = float(scheduler.sigmas[step])
     return sigma / (1 + sigma) * 1000
 
 
-def trigflow(scheduler, step: int, t) -> float:
+def flow_time_of_sigma(scheduler, step: int, t, pipeline_t) -> float:
+    """Cosmos 2 runs its flow scheduler on EDM Karras sigmas (up to 80); sigma/(1+sigma) is the flow time."""
+    sigma = float(scheduler.sigmas[step])
+    return sigma / (1 + sigma) * 1000
+
+
+def flow_sigma(scheduler, step: int, t, pipeline_t) -> float:
+    """The step's flow sigma x 1000 (Cosmos 2.5 hands the transformer `scheduler.sigmas[i]`)."""
+    return float(scheduler.sigmas[step]) * 1000
+
+
+def trigflow(scheduler, step: int, t, pipeline_t) -> float:
     """Sana-Sprint's SCM scheduler steps a TrigFlow angle; its flow time is sin/(sin+cos)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     return float(torch.sin(t) / (torch.sin(t) + torch.cos(t)) * 1000)
 
 
-def ratio(scheduler, step: int, t) -> float:
+def ratio(scheduler, step: int, t, pipeline_t) -> float:
     """DDPMWuerstchen steps a noise ratio in (0, 1] (1 = pure noise) and has no num_train_timesteps."""
     return float(t) * 1000
+
+
+def pipeline_current(scheduler, step: int, t, pipeline_t) -> float:
+    """The pipeline's own `current_timestep` (Mochi: 1000 - t, its scheduler runs `invert_sigmas=True`)."""
+    return float(pipeline_t)
+
+
+def noisiest_frame(scheduler, step: int, t, pipeline_t) -> float:
+    """Diffusion forcing: the loop's `t` is one timestep per latent frame (a row of the step matrix)."""
+    return float(torch.as_tensor(t).max())
 
 
 @dataclass(frozen=True)
@@ -56,7 +77,7 @@ class Stage:
     """One denoising loop of a pipeline: its denoiser(s), the callback that reports its steps, its scheduler."""
 
     denoisers: tuple[str, ...] = ("transformer",)
-    noise_ward: Callable[[Any, int, Any], float] = loop_timestep
+    noise_ward: Callable[[Any, int, Any, Any], float] = loop_timestep  # (scheduler, step, t, pipe.current_timestep)
     scheduler: str = "scheduler"
     callback: str = "callback_on_step_end"
 
@@ -115,6 +136,24 @@ CASES: dict[str, Case] = {
         lambda: fam.stable_cascade("combined"),
         (Stage(("prior_prior",), ratio, "prior_scheduler", "prior_callback_on_step_end"), Stage(("decoder",), ratio)),
     ),
+    # video
+    "cogvideox": case(fam.cogvideox),
+    "hunyuan_video_bf16": case(fam.hunyuan_video, atol=0),
+    "wan21": case(fam.wan21, calls_per_step=(2,)),
+    "wan22_a14b_both_experts": case(fam.wan22, "transformer", "transformer_2", calls_per_step=(2,)),
+    "wan22_ti2v_per_token": case(lambda: fam.wan22("ti2v"), calls_per_step=(2,)),
+    "ltx_t2v": case(fam.ltx),
+    "ltx_i2v_per_token": case(lambda: fam.ltx("i2v")),
+    "ltx_condition_per_token": case(lambda: fam.ltx("condition")),
+    "mochi_inverted": case(fam.mochi, noise_ward=pipeline_current),
+    "allegro": case(fam.allegro),
+    "skyreels_v2": case(fam.skyreels_v2, calls_per_step=(2,)),
+    "skyreels_v2_df_per_frame": case(fam.skyreels_v2_df, noise_ward=noisiest_frame, calls_per_step=(2,)),
+    "skyreels_v2_df_async": case(lambda: fam.skyreels_v2_df(ar_step=2), noise_ward=noisiest_frame,
+                                 calls_per_step=(2,)),
+    "cosmos1_edm": case(fam.cosmos, noise_ward=edm_sigma, calls_per_step=(2,), atol=0),
+    "cosmos2_t2i": case(lambda: fam.cosmos("2"), noise_ward=flow_time_of_sigma, calls_per_step=(2,), atol=0),
+    "cosmos2_5": case(lambda: fam.cosmos("2.5"), noise_ward=flow_sigma, calls_per_step=(2,), atol=0),
 }
 
 
@@ -124,6 +163,7 @@ class StepRecorder:
     def __init__(self, pipe, stage: Stage, on_step: Callable[[int], None] | None = None):
         self.step = 0
         self.timesteps: list = []
+        self.pipeline_timesteps: list = []  # `pipe._current_timestep` at each step's end, where the pipeline sets it
         self.call_steps: list[int] = []
         self.on_step = on_step
         self._handles = [getattr(pipe, name).register_forward_pre_hook(self._on_call) for name in stage.denoisers]
@@ -133,6 +173,7 @@ class StepRecorder:
 
     def callback(self, pipe, i, t, callback_kwargs):
         self.timesteps.append(t.clone() if isinstance(t, torch.Tensor) else t)
+        self.pipeline_timesteps.append(getattr(pipe, "_current_timestep", None))
         self.step = i + 1
         if self.on_step is not None:
             self.on_step(i + 1)
@@ -147,10 +188,10 @@ def num_train_timesteps(scheduler) -> int:
     return getattr(scheduler.config, "num_train_timesteps", None) or 1000
 
 
-def stage_rank(pipe, stage: Stage, step: int, t) -> int:
+def stage_rank(pipe, stage: Stage, recorder: StepRecorder, step: int) -> int:
     """The reference rank: LyCORIS's mask for int(the scheduler's noise-ward timestep of this step)."""
     scheduler = getattr(pipe, stage.scheduler)
-    timestep = stage.noise_ward(scheduler, step, t)
+    timestep = stage.noise_ward(scheduler, step, recorder.timesteps[step], recorder.pipeline_timesteps[step])
     return lycoris_rank(timestep, num_train_timesteps(scheduler), *SCHEDULE)
 
 
@@ -172,7 +213,7 @@ def tlora_modules(denoiser):
     return [m for layer in denoiser.modules() for m in layer.__dict__.get("_lycoris_wrappers", ())]
 
 
-def reference_run(case: Case, pipe, kw, timesteps_by_stage: list[list]):
+def reference_run(case: Case, pipe, kw, hooked: list[StepRecorder]):
     """The stock pipeline with the LyCORIS mask set from the scheduler's own timestep before each step.
 
     One loop uses mask group 0, as SimpleTuner does; a pipeline with two loops (prior + decoder)
@@ -180,16 +221,16 @@ def reference_run(case: Case, pipe, kw, timesteps_by_stage: list[list]):
     """
     max_rank, min_rank, alpha = SCHEDULE
     recorders = []
-    for index, (stage, timesteps) in enumerate(zip(case.stages, timesteps_by_stage)):
+    for index, (stage, steps) in enumerate(zip(case.stages, hooked)):
         group = 0 if len(case.stages) == 1 else 100 + index
         for name in stage.denoisers:
             for module in tlora_modules(getattr(pipe, name)):
                 module.mask_group_id = group
         scheduler = getattr(pipe, stage.scheduler)
 
-        def set_mask(step, stage=stage, timesteps=timesteps, scheduler=scheduler, group=group):
-            if step < len(timesteps):
-                t = stage.noise_ward(scheduler, step, timesteps[step])
+        def set_mask(step, stage=stage, steps=steps, scheduler=scheduler, group=group):
+            if step < len(steps.timesteps):
+                t = stage.noise_ward(scheduler, step, steps.timesteps[step], steps.pipeline_timesteps[step])
                 mask = compute_timestep_mask(int(t), num_train_timesteps(scheduler), max_rank, min_rank, alpha)
                 set_timestep_mask(mask, group)
 
@@ -210,7 +251,7 @@ def expected_ranks(pipe, case: Case, probe_names: list[str], recorders: list[Ste
     for name in probe_names:
         index = stage_of[name]
         step = next(next_call[index])
-        ranks.append(stage_rank(pipe, case.stages[index], step, recorders[index].timesteps[step]))
+        ranks.append(stage_rank(pipe, case.stages[index], recorders[index], step))
     return ranks
 
 
@@ -233,12 +274,14 @@ def test_family_matches_scheduler_timestep_reference(case_id, rank_probe):
     hooked_ranks, names = rank_probe.ranks(), rank_probe.names()
     rank_probe.reset()
 
-    reference_out, reference = reference_run(case, pipe, kw, [recorder.timesteps for recorder in hooked])
+    reference_out, reference = reference_run(case, pipe, kw, hooked)
     reference_ranks = rank_probe.ranks()
 
     expected = expected_ranks(pipe, case, names, hooked)
     for hooked_stage, reference_stage in zip(hooked, reference):
-        assert [float(t) for t in reference_stage.timesteps] == [float(t) for t in hooked_stage.timesteps]
+        assert [torch.as_tensor(t).tolist() for t in reference_stage.timesteps] == [
+            torch.as_tensor(t).tolist() for t in hooked_stage.timesteps
+        ]
     assert hooked_ranks == expected
     assert reference_ranks == expected
     assert len(set(expected)) > 1, "the schedule should change the rank across steps"

@@ -562,3 +562,273 @@ def stable_cascade(part: str = "prior", *, steps: int = 4):
                                         scheduler=DDPMWuerstchenScheduler(), vqgan=None)
     add_tlora(decoder, targets=("SDCascadeAttnBlock",))
     return _quiet(pipe), dict(embeds, image_embeddings=_randn(1, 16, 2, 2, seed=4), output_type="latent")
+
+
+# ---------------------------------------------------------------------------------------------- video
+def cogvideox(*, steps: int = 4):
+    """CogVideoX: raw int64 t from CogVideoX's DDIM."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=6,
+    ).eval()
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"))
+    add_tlora(transformer)
+    kw = dict(prompt_embeds=_randn(1, 6, 32), negative_prompt_embeds=_randn(1, 6, 32, seed=1), num_frames=5,
+              height=16, width=16, num_inference_steps=steps, guidance_scale=6.0, max_sequence_length=6,
+              output_type="latent")
+    return _quiet(pipe), kw
+
+
+def hunyuan_video(*, steps: int = 4):
+    """HunyuanVideo: raw t in the latents dtype, which is fp32 at step 0 and bf16 after the first scheduler step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+    ).eval()
+    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
+                                tokenizer_2=None)
+    pipe.to(dtype)
+    add_tlora(transformer, targets=("Attention", "FeedForward", "HunyuanVideoTokenRefiner"))
+    kw = dict(prompt_embeds=_randn(1, 6, 16, dtype=dtype), pooled_prompt_embeds=_randn(1, 8, seed=1, dtype=dtype),
+              prompt_attention_mask=torch.ones(1, 6, dtype=torch.long), num_frames=5, height=16, width=16,
+              num_inference_steps=steps, guidance_scale=6.0, output_type="latent")
+    return _quiet(pipe), kw
+
+
+def wan21(*, steps: int = 4):
+    """Wan 2.1: raw int64 UniPC flow t, separate cond and uncond calls."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from tiny import _wan_transformer
+
+    torch.manual_seed(0)
+    transformer = _wan_transformer()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                       scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                         flow_shift=3.0))
+    add_tlora(transformer, targets=("WanAttention", "FeedForward"))
+    kw = dict(prompt_embeds=_randn(1, 6, 32), negative_prompt_embeds=_randn(1, 6, 32, seed=1),
+              num_inference_steps=steps, guidance_scale=4.0, height=16, width=16, num_frames=5, output_type="latent")
+    return _quiet(pipe), kw
+
+
+def wan22(variant: str = "a14b"):
+    """Wan 2.2 A14B (two experts) and TI2V (one timestep per token), from the core's tiny builders."""
+    import tiny
+
+    pipe, kw = tiny.wan22_a14b() if variant == "a14b" else tiny.wan22_ti2v()
+    return pipe, {key: value for key, value in kw.items() if key != "latents"}
+
+
+def _ltx_transformer():
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+        cross_attention_dim=32, num_layers=1, caption_channels=32,
+    ).eval()
+
+
+def _ltx_vae():
+    from diffusers import AutoencoderKLLTXVideo
+
+    torch.manual_seed(0)
+    return AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    ).eval()
+
+
+def ltx(variant: str = "t2v", *, steps: int = 4):
+    """LTX-Video: text-to-video (raw t, (2B,)); image-to-video and Condition pass one t per token, 0 on the
+    conditioning tokens (Condition: min(t, (1 - strength) * 1000))."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXConditionPipeline, LTXImageToVideoPipeline, LTXPipeline
+
+    transformer = _ltx_transformer()
+    pipeline_class = {"t2v": LTXPipeline, "i2v": LTXImageToVideoPipeline, "condition": LTXConditionPipeline}[variant]
+    pipe = pipeline_class(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_ltx_vae() if variant == "condition" else None,
+                          text_encoder=None, tokenizer=None, transformer=transformer)
+    add_tlora(transformer)
+    kw = dict(prompt_embeds=_randn(1, 6, 32), prompt_attention_mask=torch.ones(1, 6),
+              negative_prompt_embeds=_randn(1, 6, 32, seed=1), negative_prompt_attention_mask=torch.ones(1, 6),
+              num_frames=9, height=64, width=64, num_inference_steps=steps, guidance_scale=3.0, output_type="latent")
+    if variant == "i2v":
+        # Packed latents (2 frames x 2 x 2 tokens, 8 channels) stand in for the encoded image: no VAE needed.
+        kw.update(image=torch.zeros(1, 3, 64, 64), latents=_randn(1, 8, 8, seed=2))
+    elif variant == "condition":
+        kw.update(image=_randn(1, 3, 32, 32, seed=2).clamp(-1, 1) * 0.5 + 0.5, strength=0.6, height=32, width=32,
+                  num_inference_steps=8)
+    return _quiet(pipe), kw
+
+
+def mochi(*, steps: int = 8):
+    """Mochi: the scheduler's sigmas are inverted, so t = (1 - sigma) * 1000 and 0 is pure noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4,
+        activation_fn="swiglu", max_sequence_length=16,
+    ).eval()
+    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True), vae=None, text_encoder=None,
+                         tokenizer=None, transformer=transformer)
+    add_tlora(transformer, targets=("MochiAttention", "FeedForward"))
+    kw = dict(prompt_embeds=_randn(1, 6, 32), prompt_attention_mask=torch.ones(1, 6),
+              negative_prompt_embeds=_randn(1, 6, 32, seed=1), negative_prompt_attention_mask=torch.ones(1, 6),
+              num_frames=7, height=16, width=16, num_inference_steps=steps, guidance_scale=4.5, output_type="latent")
+    return _quiet(pipe), kw
+
+
+def allegro(*, steps: int = 4):
+    """Allegro: raw fp32 t from Euler ancestral (any Karras-family scheduler)."""
+    from diffusers import AllegroPipeline, AllegroTransformer3DModel, EulerAncestralDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = AllegroTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=1,
+        cross_attention_dim=24, sample_width=8, sample_height=8, sample_frames=8, caption_channels=24,
+    ).eval()
+    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                                timestep_spacing="linspace")
+    pipe = AllegroPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    add_tlora(transformer)
+    kw = dict(prompt_embeds=_randn(1, 6, 24), prompt_attention_mask=torch.ones(1, 6),
+              negative_prompt_embeds=_randn(1, 6, 24, seed=1), negative_prompt_attention_mask=torch.ones(1, 6),
+              negative_prompt=None, num_frames=9, height=16, width=16, num_inference_steps=steps, guidance_scale=7.5, output_type="latent")
+    return _quiet(pipe), kw
+
+
+def _skyreels_transformer():
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(0)
+    return SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def skyreels_v2(*, steps: int = 4):
+    """SkyReels-V2 text-to-video (no diffusion forcing): raw int64 t, cond and uncond calls."""
+    from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
+
+    transformer = _skyreels_transformer()
+    pipe = SkyReelsV2Pipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
+                              scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                use_flow_sigmas=True, flow_shift=8.0))
+    add_tlora(transformer, targets=("SkyReelsV2Attention", "FeedForward"))
+    kw = dict(prompt_embeds=_randn(1, 6, 32), negative_prompt_embeds=_randn(1, 6, 32, seed=1),
+              num_inference_steps=steps, guidance_scale=6.0, height=16, width=16, num_frames=5, output_type="latent")
+    return _quiet(pipe), kw
+
+
+def skyreels_v2_df(*, ar_step: int = 0, steps: int = 4):
+    """SkyReels-V2 diffusion forcing: one int64 t per latent frame, each frame stepped by its own deep copy of
+    the scheduler. `ar_step=0` (synchronous) moves all frames together; `ar_step > 0` staggers them."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+
+    transformer = _skyreels_transformer()
+    pipe = SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0),
+    )
+    add_tlora(transformer, targets=("SkyReelsV2Attention", "FeedForward"))
+    kw = dict(prompt=None, prompt_embeds=_randn(1, 6, 32), negative_prompt_embeds=_randn(1, 6, 32, seed=1),
+              num_inference_steps=steps, guidance_scale=6.0, height=16, width=16, num_frames=9, ar_step=ar_step,
+              causal_block_size=1, output_type="latent")
+    return _quiet(pipe), kw
+
+
+def _cosmos_safety_checker():
+    """Cosmos pipelines refuse to run without a guardrail object; the real one is a multi-GB model."""
+    from diffusers import ModelMixin
+    from diffusers.configuration_utils import ConfigMixin
+
+    class AllowEverything(ModelMixin, ConfigMixin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("_device_tracker", torch.zeros(1), persistent=False)  # gives it a device
+
+        def check_text_safety(self, prompt: str) -> bool:
+            return True
+
+        def check_video_safety(self, frames):
+            return frames
+
+    return AllowEverything()
+
+
+def _cosmos_transformer(in_channels: int = 16):
+    from diffusers import CosmosTransformer3DModel
+
+    torch.manual_seed(0)
+    return CosmosTransformer3DModel(
+        in_channels=in_channels, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        mlp_ratio=2, text_embed_dim=32, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=False,  # True needs torchvision
+        extra_pos_embed_type="learnable",
+    ).eval()
+
+
+def _wan_vae():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def cosmos(version: str = "1", *, steps: int = 4):
+    """Cosmos 1.0 (EDM Euler, c_noise), 2 (sigma/(sigma+1) of a Karras-sigma flow scheduler) and 2.5 (the flow
+    sigma): the same CosmosTransformer3DModel receives a different timestep in each pipeline."""
+    from diffusers import (
+        Cosmos2_5_PredictBasePipeline,
+        Cosmos2TextToImagePipeline,
+        CosmosTextToWorldPipeline,
+        EDMEulerScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    dtype = torch.bfloat16
+    common = dict(text_encoder=None, tokenizer=None, safety_checker=_cosmos_safety_checker())
+    if version == "1":
+        transformer = _cosmos_transformer()
+        scheduler = EDMEulerScheduler(sigma_min=0.002, sigma_max=80, sigma_data=0.5, sigma_schedule="karras",
+                                      num_train_timesteps=1000, prediction_type="epsilon", rho=7.0,
+                                      final_sigmas_type="sigma_min")
+        pipe = CosmosTextToWorldPipeline(transformer=transformer, vae=None, scheduler=scheduler, **common)
+        frames = dict(num_frames=9)
+    elif version == "2":
+        transformer = _cosmos_transformer()
+        pipe = Cosmos2TextToImagePipeline(transformer=transformer, vae=None,
+                                          scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), **common)
+        frames = {}
+    else:
+        transformer = _cosmos_transformer(in_channels=17)
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+        pipe = Cosmos2_5_PredictBasePipeline(transformer=transformer, vae=_wan_vae(), scheduler=scheduler, **common)
+        frames = dict(num_frames=9)
+    pipe.transformer.to(dtype)
+    add_tlora(transformer, targets=("Attention", "FeedForward"))
+    kw = dict(prompt_embeds=_randn(1, 6, 32, dtype=dtype), negative_prompt_embeds=_randn(1, 6, 32, seed=1, dtype=dtype),
+              num_inference_steps=steps, guidance_scale=3.0, height=32, width=32, output_type="latent", **frames)
+    return _quiet(pipe), kw

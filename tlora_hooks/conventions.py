@@ -235,6 +235,7 @@ _CONVENTIONS: dict[str, TimestepConvention] = {
     ),
     "CosmosTransformer3DModel": TimestepConvention(
         video=True,
+        note="depends on the pipeline: see the Cosmos 1 / 2 / 2.5 pipeline rows",
         unsupported="CosmosTransformer3DModel receives a different timestep in each Cosmos pipeline (1.0: EDM "
         "c_noise; 2: sigma/(sigma+1); 2.5: the flow sigma), so a bare transformer is ambiguous. Enable T-LoRA on the "
         "Cosmos pipeline, or pass timestep_fn= to enable_tlora.",
@@ -341,6 +342,21 @@ def convention_for(denoiser: nn.Module, pipeline: Any = None) -> ConventionChoic
                 f"`{default.param}`; one denoiser has one timestep parameter."
             )
     return ConventionChoice(default, by_scheduler)
+
+
+def for_timestep_fn(choice: ConventionChoice | None) -> ConventionChoice:
+    """The rows for a user's `timestep_fn`, which returns the noise-ward timestep itself.
+
+    It replaces reading and mapping; snapping keeps each row's scheduler-side map, so an inverted,
+    EDM or ratio schedule is still compared on the noise-ward scale; a refusing row no longer refuses.
+    """
+
+    def own(row: TimestepConvention) -> TimestepConvention:
+        return TimestepConvention(schedule_to_timestep=row.schedule_to_timestep, video=row.video, note="timestep_fn")
+
+    if choice is None:
+        return ConventionChoice(TimestepConvention(note="timestep_fn"))
+    return ConventionChoice(own(choice.default), tuple((match, own(row)) for match, row in choice.by_scheduler))
 
 
 @dataclass(frozen=True)

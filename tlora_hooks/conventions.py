@@ -387,6 +387,16 @@ class TimestepReader:
         )
 
 
+def row_for(denoiser: str, pipeline: str | None = None, scheduler: str | None = None) -> TimestepConvention | None:
+    """The row a (pipeline, scheduler, denoiser) combination uses, by exact class names (for the support matrix)."""
+    if (pipeline, denoiser) in _PIPELINE_CONVENTIONS:
+        return _PIPELINE_CONVENTIONS[(pipeline, denoiser)]
+    for (match, row_denoiser), convention in _SCHEDULER_CONVENTIONS.items():
+        if row_denoiser == denoiser and str(match) == scheduler:
+            return convention
+    return _CONVENTIONS.get(denoiser)
+
+
 def known_denoiser_classes() -> list[str]:
     """Class names with a convention row."""
     return sorted(_CONVENTIONS)

@@ -382,12 +382,13 @@ def hidream(*, steps: int = 4):
         text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, text_encoder_4=None,
         tokenizer_4=None, transformer=transformer,
     )
+    pipe.default_sample_size = 4  # the pipeline rescales any size to this area (default 1024x1024: 4096 tokens)
     add_tlora(transformer, targets=("HiDreamAttention",))
     kw = dict(prompt_embeds_t5=_randn(1, 6, 32), prompt_embeds_llama3=_randn(2, 1, 6, 16, seed=1),
               negative_prompt_embeds_t5=_randn(1, 6, 32, seed=2),
               negative_prompt_embeds_llama3=_randn(2, 1, 6, 16, seed=3), pooled_prompt_embeds=_randn(1, 64, seed=4),
               negative_pooled_prompt_embeds=_randn(1, 64, seed=5), num_inference_steps=steps, guidance_scale=5.0,
-              height=16, width=16, output_type="latent")
+              height=32, width=32, output_type="latent")
     return _quiet(pipe), kw
 
 

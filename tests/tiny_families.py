@@ -90,8 +90,8 @@ def sdxl(scheduler: str = "euler", *, img2img: bool = False, steps: int = 4):
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
     )
     cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
-    pipe = cls(vae=_tiny_vae() if img2img else None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-               scheduler=schedulers[scheduler]())
+    pipe = cls(vae=_tiny_vae() if img2img else None, text_encoder=None, text_encoder_2=None, tokenizer=None,
+               tokenizer_2=None, unet=unet, scheduler=schedulers[scheduler]())
     add_tlora(unet)
     kw = dict(
         prompt_embeds=_randn(1, 6, 64), pooled_prompt_embeds=_randn(1, 32, seed=1),
@@ -349,7 +349,8 @@ def lumina2(*, steps: int = 4):
                            text_encoder=None, tokenizer=None)
     add_tlora(transformer)
     kw = dict(prompt_embeds=_randn(1, 6, 8), prompt_attention_mask=torch.ones(1, 6, dtype=torch.long),
-              negative_prompt_embeds=_randn(1, 6, 8, seed=2), negative_prompt_attention_mask=torch.ones(1, 6, dtype=torch.long),
+              negative_prompt_embeds=_randn(1, 6, 8, seed=2),
+              negative_prompt_attention_mask=torch.ones(1, 6, dtype=torch.long),
               num_inference_steps=steps, guidance_scale=4.0, height=16, width=16, output_type="latent")
     return _quiet(pipe), kw
 
@@ -532,7 +533,8 @@ def stable_cascade(part: str = "prior", *, steps: int = 4):
     from diffusers import DDPMWuerstchenScheduler, StableCascadeDecoderPipeline, StableCascadePriorPipeline
 
     embeds = dict(prompt_embeds=_randn(1, 6, 32), prompt_embeds_pooled=_randn(1, 1, 32, seed=1),
-                  negative_prompt_embeds=_randn(1, 6, 32, seed=2), negative_prompt_embeds_pooled=_randn(1, 1, 32, seed=3),
+                  negative_prompt_embeds=_randn(1, 6, 32, seed=2),
+                  negative_prompt_embeds_pooled=_randn(1, 1, 32, seed=3),
                   num_inference_steps=steps, guidance_scale=4.0)
     if part == "prior":
         prior = _cascade_prior()
@@ -663,8 +665,9 @@ def ltx(variant: str = "t2v", *, steps: int = 4):
 
     transformer = _ltx_transformer()
     pipeline_class = {"t2v": LTXPipeline, "i2v": LTXImageToVideoPipeline, "condition": LTXConditionPipeline}[variant]
-    pipe = pipeline_class(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_ltx_vae() if variant == "condition" else None,
-                          text_encoder=None, tokenizer=None, transformer=transformer)
+    vae = _ltx_vae() if variant == "condition" else None  # Condition encodes its image
+    pipe = pipeline_class(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                          transformer=transformer)
     add_tlora(transformer)
     kw = dict(prompt_embeds=_randn(1, 6, 32), prompt_attention_mask=torch.ones(1, 6),
               negative_prompt_embeds=_randn(1, 6, 32, seed=1), negative_prompt_attention_mask=torch.ones(1, 6),
@@ -712,7 +715,8 @@ def allegro(*, steps: int = 4):
     add_tlora(transformer)
     kw = dict(prompt_embeds=_randn(1, 6, 24), prompt_attention_mask=torch.ones(1, 6),
               negative_prompt_embeds=_randn(1, 6, 24, seed=1), negative_prompt_attention_mask=torch.ones(1, 6),
-              negative_prompt=None, num_frames=9, height=16, width=16, num_inference_steps=steps, guidance_scale=7.5, output_type="latent")
+              negative_prompt=None, num_frames=9, height=16, width=16, num_inference_steps=steps, guidance_scale=7.5,
+              output_type="latent")
     return _quiet(pipe), kw
 
 

@@ -20,6 +20,7 @@ the research note `diffusers_timesteps.md` (diffusers 0.42.1).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -133,6 +134,12 @@ class TimestepConvention:
         return self
 
 
+@functools.lru_cache(maxsize=None)
+def _mro_names(cls: type) -> frozenset[str]:
+    """Class names along an MRO; cached because scheduler rows are matched on every denoiser call."""
+    return frozenset(c.__name__ for c in cls.__mro__)
+
+
 @dataclass(frozen=True)
 class SchedulerMatch:
     """A scheduler class (subclasses included) and config values that change what its timesteps mean."""
@@ -141,7 +148,7 @@ class SchedulerMatch:
     config: tuple[tuple[str, Any], ...] = ()
 
     def matches(self, scheduler: Any) -> bool:
-        if self.cls not in {c.__name__ for c in type(scheduler).__mro__}:
+        if self.cls not in _mro_names(type(scheduler)):
             return False
         config = getattr(scheduler, "config", None) or {}
         return all(config.get(key) == value for key, value in self.config)
@@ -269,7 +276,8 @@ _PIPELINE_CONVENTIONS: dict[tuple[str, str], TimestepConvention] = {
 _SCHEDULER_CONVENTIONS: dict[tuple[SchedulerMatch, str], TimestepConvention] = {
     (SchedulerMatch("EDMDPMSolverMultistepScheduler"), "UNet2DConditionModel"): _EDM,  # Playground v2.5
     (SchedulerMatch("EDMEulerScheduler"), "UNet2DConditionModel"): _EDM,
-    (SchedulerMatch("EulerDiscreteScheduler", (("timestep_type", "continuous"),)), "UNet2DConditionModel"): _EDM,  # CosXL
+    # CosXL: EulerDiscreteScheduler(timestep_type="continuous")
+    (SchedulerMatch("EulerDiscreteScheduler", (("timestep_type", "continuous"),)), "UNet2DConditionModel"): _EDM,
 }
 
 

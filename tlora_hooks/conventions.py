@@ -36,6 +36,8 @@ TimestepFn = Callable[[nn.Module, tuple, dict], Any]
 
 
 # -- maps: received value (float32 tensor) -> noise-ward timestep in [0, 1000] ---------------------------------
+# 1000 because the pipelines hard-code it (Flux's t/1000, Mochi's 1000 - t) or use num_train_timesteps, which is
+# 1000 in every released config of these families.
 def identity(value: torch.Tensor) -> torch.Tensor:
     """The pipeline passes the scheduler's own timestep."""
     return value
@@ -182,7 +184,6 @@ class ConventionChoice:
 
 
 # -- the table ---------------------------------------------------------------------------------------------------
-_RAW = TimestepConvention(note="raw scheduler t")
 _FLUX_LIKE = TimestepConvention(
     to_timestep=times_1000,
     note="the pipeline passes t/1000 in the latents dtype (bf16-rounded); snapped back to scheduler.timesteps",

@@ -91,6 +91,7 @@ class Case:
     calls_per_step: frozenset[int] | None = frozenset({1})  # the family's pattern, over all steps
     atol: float = 1e-5
     legacy_callback: bool = False  # `callback(step, t, latents)` (PixArt) instead of `callback_on_step_end`
+    repeats_timesteps: bool = False  # the loop visits one t twice (PNDM's first step, Heun's second order)
 
 
 def case(build, *denoisers: str, noise_ward=loop_timestep, calls_per_step=(1,), **fields) -> Case:
@@ -102,8 +103,8 @@ def case(build, *denoisers: str, noise_ward=loop_timestep, calls_per_step=(1,), 
 
 CASES: dict[str, Case] = {
     # images
-    "sd15_pndm": case(lambda: fam.sd15("pndm"), "unet"),  # PNDM repeats one t
-    "sd15_heun": case(lambda: fam.sd15("heun"), "unet"),  # two calls per Heun step, at different t
+    "sd15_pndm": case(lambda: fam.sd15("pndm"), "unet", repeats_timesteps=True),
+    "sd15_heun": case(lambda: fam.sd15("heun"), "unet", repeats_timesteps=True),  # 2 calls per step, different t
     "sdxl": case(fam.sdxl, "unet"),
     "sdxl_img2img": case(lambda: fam.sdxl(img2img=True), "unet"),  # begin_index != 0
     "sdxl_edm_playground": case(lambda: fam.sdxl("edm"), "unet", noise_ward=edm_sigma),
@@ -287,6 +288,8 @@ def test_family_matches_scheduler_timestep_reference(case_id, rank_probe):
     assert hooked_ranks == expected
     assert reference_ranks == expected
     assert len(set(expected)) > 1, "the schedule should change the rank across steps"
+    loop_timesteps = [str(torch.as_tensor(t).tolist()) for t in hooked[0].timesteps] if len(case.stages) == 1 else []
+    assert (len(set(loop_timesteps)) < len(loop_timesteps)) == case.repeats_timesteps
     if case.calls_per_step is not None:
         counts = {steps.count(step) for steps in (r.call_steps for r in hooked) for step in set(steps)}
         assert counts == case.calls_per_step, f"calls per step: {[r.call_steps for r in hooked]}"

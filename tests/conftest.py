@@ -15,6 +15,8 @@ from lycoris.modules.tlora import TLoraModule, compute_timestep_mask
 sys.path.insert(0, os.path.dirname(__file__))
 lycoris_logger.setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+# Tiny models on shared 2-core machines: extra intra-op threads only spin (measured 40x slower per tiny SDXL run).
+torch.set_num_threads(1)
 
 
 class RankProbe:

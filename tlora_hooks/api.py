@@ -9,7 +9,14 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .conventions import TimestepConvention, TimestepFn, TimestepReader, convention_for, known_denoiser_classes
+from .conventions import (
+    ConventionChoice,
+    TimestepFn,
+    TimestepReader,
+    convention_for,
+    for_timestep_fn,
+    known_denoiser_classes,
+)
 from .discovery import find_denoisers, is_pipeline, pipeline_modules, scheduler_attribute, unwrap
 from .errors import TLoRAError
 from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group
@@ -35,8 +42,10 @@ def enable_tlora(
     `target` is a pipeline or a bare denoiser. `max_rank`, `min_rank` and `alpha` are the LyCORIS
     `linear_dim`, `tlora_min_rank` and `tlora_alpha` the adapter was trained with (`max_rank=None`
     reads it from the modules). `timestep_fn(module, args, kwargs)` overrides where the timestep is
-    read from; it must return it on the scheduler's scale. `scheduler` overrides the scheduler whose
-    `timesteps` received values are snapped to (for a bare denoiser there is none otherwise).
+    read from: it returns the noise-ward timestep (num_train_timesteps = pure noise) and takes
+    precedence over the convention table, whose scheduler-side map still snaps it. `scheduler`
+    overrides the scheduler whose `timesteps` received values are snapped to (for a bare denoiser
+    there is none otherwise).
     Enabling again replaces the previous hooks. Returns a handle; `handle.remove()` or
     `disable_tlora(target)` undoes everything.
     """
@@ -110,11 +119,16 @@ def _schedule_for(found: dict, max_rank: int | None, min_rank: int, alpha: float
 
 def _plan(
     name: str, denoiser: nn.Module, pipeline: Any, timestep_fn: TimestepFn | None
-) -> tuple[TimestepConvention, Callable]:
-    """The convention and timestep reader for one denoiser; raises for an unknown class."""
-    if timestep_fn is not None:
-        return TimestepConvention(note="timestep_fn"), timestep_fn
+) -> tuple[ConventionChoice, Callable]:
+    """The convention and timestep reader for one denoiser; raises for an unknown or unsupported class.
+
+    `timestep_fn` takes precedence over every row: its value is the noise-ward timestep.
+    """
     convention = convention_for(denoiser, pipeline)
+    if timestep_fn is not None:
+        return for_timestep_fn(convention), timestep_fn
+    if convention is not None and convention.default.unsupported:
+        raise TLoRAError(f"T-LoRA cannot be enabled on {name}: {convention.default.unsupported}")
     if convention is None:
         cls = type(denoiser).__name__
         raise TLoRAError(

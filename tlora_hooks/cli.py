@@ -35,7 +35,23 @@ def _add_demo(subparsers) -> None:
     parser.set_defaults(run=_demo)
 
 
-COMMANDS: list[Callable] = [_add_demo]
+def _support(args: argparse.Namespace) -> None:
+    from .support import support_matrix, update_readme
+
+    if args.write:
+        changed = update_readme(args.write)
+        print(f"{args.write}: support matrix {'updated' if changed else 'already current'}")
+    else:
+        print(support_matrix(), end="")
+
+
+def _add_support(subparsers) -> None:
+    parser = subparsers.add_parser("support", help="print the support matrix of pipeline families")
+    parser.add_argument("--write", metavar="README", help="rewrite the generated section of this README")
+    parser.set_defaults(run=_support)
+
+
+COMMANDS: list[Callable] = [_add_demo, _add_support]
 
 
 def build_parser() -> argparse.ArgumentParser:

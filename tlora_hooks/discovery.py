@@ -10,7 +10,10 @@ from torch import nn
 
 from .errors import TLoRAError
 
-# Pipeline attributes that hold a denoiser, and the scheduler attribute that steps it.
+# Pipeline attributes that hold a denoiser, and the scheduler attribute that steps it. Combined Kandinsky and
+# Stable Cascade pipes hold the prior as `prior_prior`, stepped by `prior_scheduler` (tested: snapping to the
+# other loop's schedule changes ranks). SkyReels-V2 diffusion forcing steps per-frame deep copies of `scheduler`
+# that share its timesteps, so snapping to `scheduler.timesteps` is exact although `scheduler` is never stepped.
 DENOISER_SCHEDULERS: dict[str, str] = {
     "unet": "scheduler",
     "transformer": "scheduler",

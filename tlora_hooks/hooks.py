@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .conventions import REDUCTIONS, TimestepConvention
+from .conventions import REDUCTIONS, ConventionChoice, TimestepConvention
 from .errors import TLoRAError
 from .modes import MaskedForward
 from .schedule import RankSchedule, masks_by_rank
@@ -58,7 +58,7 @@ class DenoiserHook:
         name: str,
         denoiser: nn.Module,
         schedule: RankSchedule,
-        convention: TimestepConvention,
+        convention: TimestepConvention | ConventionChoice,
         read_timestep: Callable[[nn.Module, tuple, dict], Any],
         scheduler_source: Callable[[], Any],
         path: MaskedForward,
@@ -101,14 +101,15 @@ class DenoiserHook:
     def scheduler_timestep(self, value: Any) -> tuple[torch.Tensor, int]:
         """The noise-ward timestep on the scheduler's scale (a 0-d tensor), snapped to its schedule."""
         received = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
-        timestep = self.convention.to_timestep(received.to(torch.float32))
-        timestep = REDUCTIONS[self.convention.reduce](timestep.reshape(-1))
         scheduler = self.scheduler_source()
+        convention = self.convention.for_scheduler(scheduler)  # EDM / continuous schedulers refine the row
+        timestep = convention.to_timestep(received.to(torch.float32))
+        timestep = REDUCTIONS[convention.reduce](timestep.reshape(-1))
         max_timestep = num_train_timesteps(scheduler)
         timestep = torch.nan_to_num(timestep, nan=float(max_timestep)).clamp(0, max_timestep)
         schedule = scheduler_timesteps(scheduler) if scheduler is not None else None
         if schedule is not None:
-            schedule = self.convention.schedule_to_timestep(schedule.to(timestep.device, torch.float32))
+            schedule = convention.schedule_to_timestep(schedule.to(timestep.device, torch.float32))
             timestep = schedule[(schedule - timestep).abs().argmin()]
         return timestep, max_timestep
 

@@ -1,0 +1,69 @@
+"""The support matrix in the README is generated from the convention table and the test cases, and stays so."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import diffusers
+import pytest
+
+import test_families
+from tlora_hooks.cli import main
+from tlora_hooks.support import BEGIN, END, FAMILIES, readme_section
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_matrix_is_the_generated_one():
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index(BEGIN): text.index(END) + len(END)]
+    assert section == readme_section(), "run `python -m tlora_hooks support --write README.md`"
+
+
+def test_every_tested_family_names_tests_that_exist():
+    for family in FAMILIES:
+        for test in family.tests:
+            if "::" in test:
+                module, name = test.split("::")
+                assert name.startswith("test_") and callable(getattr(importlib.import_module(module[:-3]), name))
+            else:
+                assert test in test_families.CASES, f"{family.name}: no family case {test!r}"
+
+
+def test_every_family_case_is_in_the_matrix():
+    referenced = {test for family in FAMILIES for test in family.tests}
+    assert set(test_families.CASES) <= referenced
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.pipelines != ("-",)], ids=lambda f: f.name)
+def test_families_name_real_pipelines_holding_their_denoisers(family):
+    held = {pipeline: str(inspect.signature(getattr(diffusers, pipeline).__init__)) for pipeline in family.pipelines}
+    for pipeline, annotations in held.items():
+        assert any(denoiser in annotations for denoiser in family.denoisers), f"{pipeline} holds none of them"
+    for denoiser in family.denoisers:
+        assert any(denoiser in annotations for annotations in held.values()), f"no pipeline holds {denoiser}"
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_status_agrees_with_the_table(family):
+    rows = family.rows()
+    if family.unsupported:
+        assert not rows or all(row.unsupported for row in rows)
+        assert family.tests, "a refusal is tested too"
+        return
+    assert len(rows) == len(family.denoisers) and not any(row.unsupported for row in rows)
+    assert family.video == any(row.video for row in rows)
+
+
+def test_cli_prints_and_writes_the_matrix(tmp_path, capsys):
+    assert main(["support"]) == 0
+    assert capsys.readouterr().out == readme_section()[len(BEGIN) + 1: -len(END)]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{BEGIN.split(' (')[0]} -->\nstale\n{END}\n", encoding="utf-8")
+    assert main(["support", "--write", str(readme)]) == 0
+    assert readme_section() in readme.read_text(encoding="utf-8")
+    readme.write_text("# no section\n", encoding="utf-8")
+    assert main(["support", "--write", str(readme)]) == 2
+    assert "no support-matrix section" in capsys.readouterr().err

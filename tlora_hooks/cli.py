@@ -9,6 +9,7 @@ import warnings
 from typing import Callable
 
 from .errors import TLoRAError
+from .schedule_cli import add_schedule_command
 
 
 def _quiet_dependencies() -> None:
@@ -36,6 +37,7 @@ def _add_demo(subparsers) -> None:
 
 
 COMMANDS: list[Callable] = [_add_demo]
+COMMANDS.append(add_schedule_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,11 @@ def enable_tlora(
     check_mode(mode)
     if timestep_fn is not None and not callable(timestep_fn):
         raise TLoRAError(f"timestep_fn must be a callable (module, args, kwargs) -> timestep, got {timestep_fn!r}.")
+    if scheduler is not None and not (hasattr(scheduler, "timesteps") and hasattr(scheduler, "config")):
+        raise TLoRAError(
+            f"scheduler must be a Diffusers scheduler (with `timesteps` and `config.num_train_timesteps`), "
+            f"got {type(scheduler).__name__}. Pass the pipeline's own, e.g. scheduler=pipe.scheduler."
+        )
     found = find_denoisers(target)
     schedule = _schedule_for(found, max_rank, min_rank, alpha)
     pipeline = target if is_pipeline(target) else None
@@ -148,17 +153,27 @@ def _plan(
 
 
 def _scheduler_source(pipeline: Any, component: str, scheduler: Any) -> Callable[[], Any]:
-    """Where the hook finds the scheduler at call time (users swap `pipe.scheduler`), without keeping the pipeline alive."""
+    """Where the hook finds the scheduler at call time (users swap `pipe.scheduler`), without keeping the pipeline alive.
+
+    Once the pipeline is gone, the last scheduler it had, while something else (`pipe = X.from_pipe(pipe)`) keeps it.
+    """
     if scheduler is not None:
         return lambda: scheduler
     if pipeline is None:
         return lambda: None
     pipeline_ref = weakref.ref(pipeline)
     attribute = scheduler_attribute(component)
+    at_enable = getattr(pipeline, attribute, None)
+    last_seen = [weakref.ref(at_enable) if at_enable is not None else lambda: None]
 
     def current_scheduler() -> Any:
         current = pipeline_ref()
-        return getattr(current, attribute, None) if current is not None else None
+        if current is None:
+            return last_seen[0]()
+        found = getattr(current, attribute, None)
+        if found is not None and last_seen[0]() is not found:
+            last_seen[0] = weakref.ref(found)
+        return found
 
     return current_scheduler
 

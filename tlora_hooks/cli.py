@@ -9,6 +9,7 @@ import warnings
 from typing import Callable
 
 from .errors import TLoRAError
+from .schedule_cli import add_schedule_command
 
 
 def _quiet_dependencies() -> None:
@@ -51,7 +52,7 @@ def _add_support(subparsers) -> None:
     parser.set_defaults(run=_support)
 
 
-COMMANDS: list[Callable] = [_add_demo, _add_support]
+COMMANDS: list[Callable] = [_add_demo, _add_support, add_schedule_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

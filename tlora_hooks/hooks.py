@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import weakref
 from typing import Any, Callable
 
 import torch
+from lycoris.modules.tlora import clear_timestep_mask
 from torch import nn
 
 from .conventions import REDUCTIONS, ConventionChoice, TimestepConvention
 from .errors import TLoRAError
+from .logging_utils import get_logger
 from .modes import MaskedForward
 from .schedule import RankSchedule, masks_by_rank
 
+logger = get_logger(__name__)
+
 STATE_ATTRIBUTE = "_tlora_hooks_state"
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
+# Stays on the stack for a module's whole call (hooks and forward): tells a running call from an abandoned one.
+_CALL_IMPL_CODE = nn.Module._call_impl.__code__
 
 _group_ids = itertools.count(1)
 
@@ -73,19 +80,28 @@ class DenoiserHook:
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._owner_lock = threading.Lock()
         self._owner: int | None = None
+        self._owner_call = None
+        self._range_checks_left = 1  # accelerator values: one host sync per enable, on the first call
         self._handles = [
             denoiser.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
             denoiser.register_forward_hook(self.post_forward, with_kwargs=True, always_call=True),
         ]
+        # A mask left set by an interrupted call must not outlive the denoiser in LyCORIS's global storage
+        # (the finalizer holds the group number only, so the modules are freed with the denoiser).
+        self._finalizer = weakref.finalize(denoiser, clear_timestep_mask, path.group_id)
         setattr(denoiser, STATE_ATTRIBUTE, self)
 
     # -- per call -------------------------------------------------------------------------------
+    # Eager even around a compiled denoiser: traced, the hook's Python state (tables, thread guard) would become
+    # guards that recompile the graph as it changes.
+    @torch.compiler.disable
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._claim()
         value = self.read_timestep(module, args, kwargs)
         device = compute_device(args, kwargs, fallback=_parameter_device(module))
         self.path.set_mask(self.mask_for(value, device))
 
+    @torch.compiler.disable
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._release():
             self.path.clear_mask()
@@ -103,15 +119,41 @@ class DenoiserHook:
         received = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
         scheduler = self.scheduler_source()
         convention = self.convention.for_scheduler(scheduler)  # EDM / continuous schedulers refine the row
-        timestep = convention.to_timestep(received.to(torch.float32))
-        timestep = REDUCTIONS[convention.reduce](timestep.reshape(-1))
+        timesteps = convention.to_timestep(received.to(torch.float32))
         max_timestep = num_train_timesteps(scheduler)
+        self._warn_if_out_of_range(timesteps, max_timestep)
+        timestep = REDUCTIONS[convention.reduce](timesteps.reshape(-1))
         timestep = torch.nan_to_num(timestep, nan=float(max_timestep)).clamp(0, max_timestep)
         schedule = scheduler_timesteps(scheduler) if scheduler is not None else None
         if schedule is not None:
             schedule = convention.schedule_to_timestep(schedule.to(timestep.device, torch.float32))
-            timestep = schedule[(schedule - timestep).abs().argmin()]
+            distance, nearest = (schedule - timestep).abs().min(dim=0)
+            # Snap only what the received dtype's rounding explains (bf16 t/1000): a value from another
+            # scheduler (a from_pipe'd pipeline sharing this denoiser) is used as received.
+            rounding = distance <= _rounding_tolerance(convention, received)
+            timestep = torch.where(rounding, schedule[nearest], timestep)
         return timestep, max_timestep
+
+    def _warn_if_out_of_range(self, timesteps: torch.Tensor, max_timestep: int) -> None:
+        """Warn once per enable when a timestep lies outside [0, T] (it is clamped, so the rank stays valid).
+
+        Host values are checked on every call until one warns; values on an accelerator only on the first
+        call after enabling, since reading them back would synchronise the device on every step.
+        """
+        if self._range_checks_left <= 0:
+            return
+        if timesteps.device.type != "cpu":
+            self._range_checks_left -= 1
+        low, high = (value.item() for value in torch.aminmax(timesteps))  # NaN propagates, and compares False
+        if not (0 <= low and high <= max_timestep):
+            self._range_checks_left = 0
+            bad = low if not low >= 0 else high  # NaN or negative, else too large
+            logger.warning(
+                "T-LoRA %s received timestep %s on the scheduler's scale, outside [0, %d]; it is clamped, so the "
+                "rank stays in [%d, %d]. If a stock pipeline passed it, its timestep convention is wrong: pass "
+                "timestep_fn= to enable_tlora. (Warned once per enable_tlora.)",
+                self.name, bad, max_timestep, self.schedule.min_rank, self.schedule.max_rank,
+            )
 
     def _tables_for(self, device: torch.device, max_timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank per integer timestep and mask per rank, built once per device and T."""
@@ -125,19 +167,34 @@ class DenoiserHook:
     # -- one denoiser, one thread at a time -----------------------------------------------------
     def _claim(self) -> None:
         me = threading.get_ident()
+        call = _running_call_frame()
         with self._owner_lock:
-            if self._owner is not None and self._owner != me:
+            if self._owner is not None and self._owner != me and self._claim_is_live():
                 raise TLoRAError(
                     f"The T-LoRA {self.name} was entered from two threads at once; their masks would mix. "
                     "Use one pipeline object per thread (each with its own enable_tlora)."
                 )
-            self._owner = me
+            self._owner, self._owner_call = me, call
+
+    def _claim_is_live(self) -> bool:
+        """Whether the owning call still runs. One that ended without the post-hook (a KeyboardInterrupt:
+        torch runs `always_call` hooks on `Exception` only) or whose thread died left a stale claim."""
+        frame = sys._current_frames().get(self._owner)
+        if frame is None:
+            return False
+        if self._owner_call is None:
+            return True  # no frame to look for: assume it still runs
+        while frame is not None:
+            if frame is self._owner_call:
+                return True
+            frame = frame.f_back
+        return False
 
     def _release(self) -> bool:
         with self._owner_lock:
             if self._owner != threading.get_ident():
                 return False
-            self._owner = None
+            self._owner, self._owner_call = None, None
             return True
 
     # -- removal --------------------------------------------------------------------------------
@@ -152,11 +209,42 @@ class DenoiserHook:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._finalizer.detach()
         self.path.remove()
         self._tables.clear()
+        self._owner, self._owner_call = None, None
         denoiser = self.denoiser_ref()
         if denoiser is not None and denoiser.__dict__.get(STATE_ATTRIBUTE) is self:
             delattr(denoiser, STATE_ATTRIBUTE)
+
+
+def _running_call_frame() -> Any:
+    """The `Module._call_impl` frame of the call this hook runs in (None if called some other way)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not _CALL_IMPL_CODE:
+        frame = frame.f_back
+    return frame
+
+
+def _rounding_eps(dtype: torch.dtype) -> float:
+    """Relative rounding of a timestep passed in `dtype`; integers are exact."""
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
+# Below this (in timestep units, 0..num_train_timesteps) two schedules are the same schedule: float32
+# arithmetic in a convention's map may move an exact received value by this much.
+SNAP_FLOOR = 1e-3
+
+
+def _rounding_tolerance(convention: TimestepConvention, received: torch.Tensor) -> torch.Tensor:
+    """How far the received dtype's rounding can move the noise-ward timestep, through the row's own map.
+
+    A map-aware width: bf16 c_noise (Cosmos 1) or fp16 t/1000 (AuraFlow) move it by different amounts.
+    """
+    value = received.to(torch.float32)
+    eps = _rounding_eps(received.dtype)
+    spread = (convention.to_timestep(value * (1 + eps)) - convention.to_timestep(value * (1 - eps))).abs()
+    return spread.amax().clamp_min(SNAP_FLOOR)
 
 
 def _parameter_device(module: nn.Module) -> torch.device:

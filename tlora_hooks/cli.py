@@ -9,6 +9,7 @@ import warnings
 from typing import Callable
 
 from .errors import TLoRAError
+from .file_commands import add_convert, add_inspect
 
 
 def _quiet_dependencies() -> None:
@@ -36,6 +37,7 @@ def _add_demo(subparsers) -> None:
 
 
 COMMANDS: list[Callable] = [_add_demo]
+COMMANDS += [add_inspect, add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,6 @@ and every bad input raises TLoRAError without touching the pipeline."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
@@ -14,6 +13,7 @@ from safetensors.torch import save_file
 
 import tiny
 import tlora_files
+from conftest import lycoris_rank
 from tlora_hooks import TLoRAError, enable_tlora, load_tlora, unload_tlora
 from tlora_hooks import loading
 from tlora_hooks.cli import main
@@ -70,8 +70,6 @@ def test_simpletuner_file_round_trips_with_no_arguments(sdxl_trained, rank_probe
     assert handle.denoisers == ["unet"] and handle.mode == {"unet": "lycoris"}
     torch.testing.assert_close(run(pipe, kw), reference, atol=1e-5, rtol=1e-5)
     T = pipe.scheduler.config.num_train_timesteps
-    from conftest import lycoris_rank
-
     assert rank_probe.ranks() == [lycoris_rank(t, T, 8, 2, 0.5) for t in pipe.scheduler.timesteps]
 
 

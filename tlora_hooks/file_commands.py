@@ -63,6 +63,9 @@ def _convert(args: argparse.Namespace) -> None:
         f"wrote {args.output}: LyCORIS tlora, {len(tlora_file.modules)} modules, rank {rank}, "
         f"min_rank {min_rank}, alpha {alpha} (from {tlora_file.format})"
     )
+    dropped = len(tlora_file.unused_keys) + len(tlora_file.unknown_keys)
+    if dropped:
+        print(f"note: {dropped} keys that belong to no (used) T-LoRA module were not written")
     if tlora_file.base_source == "saved":
         print(
             "note: the base terms are saved as base_q/base_p/base_lambda, so load_tlora reproduces the original "

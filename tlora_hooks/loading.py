@@ -96,6 +96,11 @@ def load_tlora(
     tlora_file = read_tlora_file(path)
     schedule = _schedule(tlora_file, check_one_rank(tlora_file), min_rank, alpha)
     match = match_file(target, tlora_file, component, strict)
+    if tlora_file.unused_keys:
+        logger.info(
+            "%s: skipped %d keys its trainer built but never used in its forward (e.g. %s)",
+            tlora_file.path, len(tlora_file.unused_keys), tlora_file.unused_keys[0],
+        )
     _refuse_foreign_modules(match)
     pipeline = target if is_pipeline(target) else None
     if timestep_fn is None:

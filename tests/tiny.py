@@ -116,7 +116,8 @@ def sd3(*, steps: int = 4, rank: int = 8):
     return pipe, kwargs
 
 
-def flux(*, steps: int = 4, rank: int = 8, dtype: torch.dtype = torch.bfloat16):
+def flux(*, steps: int = 4, rank: int | None = 8, dtype: torch.dtype = torch.bfloat16):
+    """Tiny Flux; `rank=None` leaves the transformer without a T-LoRA."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -135,7 +136,8 @@ def flux(*, steps: int = 4, rank: int = 8, dtype: torch.dtype = torch.bfloat16):
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dtype)
-    add_tlora(transformer, rank)
+    if rank:
+        add_tlora(transformer, rank)
     g = _generator()
     kwargs = dict(
         prompt_embeds=torch.randn(1, 8, 32, generator=g).to(dtype),
@@ -158,8 +160,8 @@ def _wan_transformer(in_channels: int = 16):
     )
 
 
-def wan22_a14b(*, steps: int = 6, rank: int = 8):
-    """Wan 2.2 A14B: `transformer` above boundary_ratio * 1000, `transformer_2` below."""
+def wan22_a14b(*, steps: int = 6, rank: int | None = 8):
+    """Wan 2.2 A14B: `transformer` above boundary_ratio * 1000, `transformer_2` below; `rank=None`: no T-LoRA."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
     torch.manual_seed(0)
@@ -170,8 +172,9 @@ def wan22_a14b(*, steps: int = 6, rank: int = 8):
         boundary_ratio=0.875,
     )
     pipe.set_progress_bar_config(disable=True)
-    add_tlora(transformer, rank, seed=1)
-    add_tlora(transformer_2, rank, seed=2)
+    if rank:
+        add_tlora(transformer, rank, seed=1)
+        add_tlora(transformer_2, rank, seed=2)
     g = _generator()
     kwargs = dict(
         prompt_embeds=torch.randn(1, 8, 32, generator=g), negative_prompt_embeds=torch.randn(1, 8, 32, generator=g),

@@ -4,6 +4,7 @@ from .api import disable_tlora, enable_tlora
 from .conventions import TimestepConvention, register_convention
 from .errors import TLoRAError
 from .hooks import TLoRAHandle
+from .loading import load_tlora, unload_tlora
 from .schedule import RankSchedule, rank_for_timestep
 
 __version__ = "0.1.0"
@@ -15,6 +16,8 @@ __all__ = [
     "TimestepConvention",
     "disable_tlora",
     "enable_tlora",
+    "load_tlora",
     "rank_for_timestep",
     "register_convention",
+    "unload_tlora",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from torch import nn
 
@@ -36,6 +36,7 @@ def enable_tlora(
     mode: str = "auto",
     timestep_fn: TimestepFn | None = None,
     scheduler: Any = None,
+    components: Collection[str] | None = None,
 ) -> TLoRAHandle:
     """Mask the T-LoRA ranks by timestep on every denoiser call of a stock Diffusers pipeline.
 
@@ -46,6 +47,7 @@ def enable_tlora(
     precedence over the convention table, whose scheduler-side map still snaps it. `scheduler`
     overrides the scheduler whose `timesteps` received values are snapped to (for a bare denoiser
     there is none otherwise).
+    `components` limits a pipeline to the named denoisers (e.g. `["transformer_2"]`), leaving the others' hooks alone.
     Enabling again replaces the previous hooks. Returns a handle; `handle.remove()` or
     `disable_tlora(target)` undoes everything.
     """
@@ -58,6 +60,8 @@ def enable_tlora(
             f"got {type(scheduler).__name__}. Pass the pipeline's own, e.g. scheduler=pipe.scheduler."
         )
     found = find_denoisers(target)
+    if components is not None:
+        found = _only_components(found, components)
     schedule = _schedule_for(found, max_rank, min_rank, alpha)
     pipeline = target if is_pipeline(target) else None
     plans = {
@@ -65,7 +69,12 @@ def enable_tlora(
         for name, (denoiser, _) in found.items()
     }
     # Everything is validated: from here on the pipeline changes.
-    disable_tlora(target)
+    if components is None:
+        disable_tlora(target)
+    for denoiser, _ in found.values():  # with `components`, only the named denoisers are replaced
+        previous = installed_hook(denoiser)
+        if previous is not None:
+            previous.remove()
     hooks = {}
     for name, (denoiser, modules) in found.items():
         convention, reader = plans[name]
@@ -103,6 +112,18 @@ def disable_tlora(target: Any) -> None:
         hook = installed_hook(unwrap(module))
         if hook is not None:
             hook.remove()
+
+
+def _only_components(found: dict, components: Collection[str]) -> dict:
+    """The found denoisers that `components` names; each name must hold T-LoRA modules."""
+    components = [components] if isinstance(components, str) else list(components)
+    missing = sorted(set(components) - set(found))
+    if missing:
+        raise TLoRAError(
+            f"components={sorted(components)}: {', '.join(missing)} holds no applied T-LoRA modules "
+            f"(components with modules: {', '.join(found) or 'none'})."
+        )
+    return {name: value for name, value in found.items() if name in components}
 
 
 def _schedule_for(found: dict, max_rank: int | None, min_rank: int, alpha: float) -> RankSchedule:

@@ -10,6 +10,7 @@ from typing import Callable
 
 from .errors import TLoRAError
 from .schedule_cli import add_schedule_command
+from .file_commands import add_convert, add_inspect
 
 
 def _quiet_dependencies() -> None:
@@ -52,7 +53,7 @@ def _add_support(subparsers) -> None:
     parser.set_defaults(run=_support)
 
 
-COMMANDS: list[Callable] = [_add_demo, _add_support, add_schedule_command]
+COMMANDS: list[Callable] = [_add_demo, _add_support, add_schedule_command, add_inspect, add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

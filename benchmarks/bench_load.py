@@ -1,0 +1,262 @@
+"""Loading a T-LoRA file: LyCORIS `create_lycoris_from_weights` vs `tlora_hooks.load_tlora`, side by side in one process.
+
+    python benchmarks/bench_load.py            # CUDA: the full SDXL UNet (700 modules, rank 64); else a mid-size UNet
+    python benchmarks/bench_load.py --size mid # force the CPU-sized model
+
+The UNet is built from SDXL's published config with random weights (no downloads); the T-LoRA file is written with
+random factors in LyCORIS's layout and SimpleTuner's metadata. Timings are medians of interleaved repetitions.
+On CUDA, LyCORIS (SVD + gc.collect per module, ~4.7 min for SDXL on an H200) runs on a subset of modules only and is
+extrapolated per module. Prints one JSON line per result; the last line starts with RESULT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import diffusers  # noqa: E402
+from lycoris import create_lycoris_from_weights  # noqa: E402
+from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from tlora_hooks import load_tlora, unload_tlora  # noqa: E402
+from tlora_hooks import rebuild  # noqa: E402
+from tlora_hooks.discovery import applied_tlora_modules  # noqa: E402
+from tlora_hooks.schedule import masks_by_rank  # noqa: E402
+
+SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], flip_sin_to_cos=True,
+    freq_shift=0, in_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=4,
+    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
+)
+SIZES = {
+    "sdxl": {},
+    # SDXL's layout at a fifth of its width and fewer transformer layers: 170 T-LoRA modules, 128/256 wide.
+    "mid": dict(block_out_channels=[64, 128, 256], attention_head_dim=[1, 2, 4], transformer_layers_per_block=[1, 1, 2],
+                norm_num_groups=32),
+    # For the test suite: seconds.
+    "tiny": dict(block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], cross_attention_dim=64,
+                 transformer_layers_per_block=[1, 1, 1], addition_time_embed_dim=8, norm_num_groups=8,
+                 projection_class_embeddings_input_dim=64 + 6 * 8, addition_embed_type_num_heads=2),
+}
+TARGETS = ("Attention", "FeedForward")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_unet(size: str, device: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**{**SDXL_UNET, **SIZES[size]}).to(dtype)
+    return unet.eval().requires_grad_(False)
+
+
+def target_layers(unet) -> dict[str, torch.nn.Linear]:
+    """LyCORIS's names for the Linear layers inside Attention and FeedForward blocks (its `target_module` preset)."""
+    layers = {}
+    for name, module in unet.named_modules():
+        if type(module).__name__ in TARGETS:
+            for sub, layer in module.named_modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layers[f"lycoris_{name}.{sub}".replace(".", "_")] = layer
+    return layers
+
+
+def write_tlora_file(layers: dict, rank: int, path: str, dtype: torch.dtype) -> None:
+    """A trained-looking LyCORIS tlora file (random factors), with SimpleTuner's `lycoris_config` metadata."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, layer in layers.items():
+        q = torch.randn(rank, layer.in_features, generator=generator) / layer.in_features**0.5
+        p = torch.randn(layer.out_features, rank, generator=generator) / rank**0.5
+        tensors[f"{name}.q_layer.weight"], tensors[f"{name}.p_layer.weight"] = q.to(dtype), p.to(dtype)
+        tensors[f"{name}.lambda_layer"] = torch.rand(1, rank, generator=generator).to(dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(rank / 2.0).to(dtype)
+    config = {"algo": "tlora", "linear_dim": rank, "linear_alpha": rank // 2, "tlora_min_rank": 1, "tlora_alpha": 1.0}
+    save_file(tensors, path, {"lycoris_config": json.dumps(config)})
+
+
+def time_load_tlora(unet, path: str, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    load_tlora(unet, path)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def time_lycoris(unet, path: str, device: str, weights_sd=None, collect: bool = True):
+    """`create_lycoris_from_weights` + `apply_to()` + `.to(device)`, as LyCORIS ships (gc.collect per module) or not."""
+    sync(device)
+    patch = mock.patch("lycoris.modules.tlora.gc.collect", lambda *args: 0) if not collect else _nothing()
+    with patch:
+        start = time.perf_counter()
+        network, _ = create_lycoris_from_weights(1.0, path, unet, weights_sd=weights_sd)
+        network.apply_to()
+        network.to(device)  # after apply_to: LycorisNetwork.to() reaches only modules it has registered
+        sync(device)
+        elapsed = time.perf_counter() - start
+    return elapsed, network
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+def max_delta_difference(ours, theirs, rank: int) -> float:
+    """The largest difference between the two loads' masked weight deltas, at a middle rank."""
+    mask = masks_by_rank(rank)[rank // 2].unsqueeze(0)
+    by_name = {module.lora_name: module for module in ours}
+    worst = 0.0
+    with torch.no_grad():
+        for reference in theirs:
+            module = by_name[reference.lora_name]
+            set_timestep_mask(mask, module.mask_group_id)
+            set_timestep_mask(mask, reference.mask_group_id)
+            mine, _ = module.get_diff_weight()
+            other, _ = reference.get_diff_weight(device=mine.device)
+            worst = max(worst, float((mine - other).abs().max()))
+            clear_timestep_mask(module.mask_group_id)
+            clear_timestep_mask(reference.mask_group_id)
+    return worst
+
+
+def decomposition_timings(layers: dict, rank: int, device: str, batch: int = 2) -> dict:
+    """Seconds per matrix of each rebuild method on each distinct layer shape, and the projected full rebuild."""
+    shapes: dict[tuple, list] = {}
+    for layer in layers.values():
+        shapes.setdefault(tuple(layer.weight.shape), []).append(layer)
+    result = {}
+    for method in rebuild.DECOMPOSITIONS:
+        total = 0.0
+        for shape, group in shapes.items():
+            weights = torch.stack([layer.weight.detach() for layer in group[:batch]])
+            rebuild.principal_base_terms(weights, rank, method)  # warm-up
+            sync(device)
+            start = time.perf_counter()
+            rebuild.principal_base_terms(weights, rank, method)
+            sync(device)
+            per_matrix = (time.perf_counter() - start) / len(weights)
+            total += per_matrix * len(group)
+        result[method] = round(total, 3)
+    return result
+
+
+def environment(device: str) -> dict:
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "lycoris": importlib.metadata.version("lycoris-lora"),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default=None, help="default: sdxl on CUDA, mid on CPU")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=None, help="default: 3 on CPU, 2 on CUDA")
+    parser.add_argument("--lycoris-modules", type=int, default=None,
+                        help="LyCORIS loads only this many modules, extrapolated (default: all on CPU, 24 on CUDA)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = args.size or ("sdxl" if device == "cuda" else "mid")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    subset = args.lycoris_modules if args.lycoris_modules is not None else (24 if device == "cuda" else None)
+    reps = args.reps or (2 if device == "cuda" else 3)
+    logging_quiet()
+
+    unet = build_unet(size, device, dtype)
+    layers = target_layers(unet)
+    result = {"bench": "load_tlora", **environment(device), "size": size, "dtype": str(dtype).replace("torch.", ""),
+              "modules": len(layers), "rank": args.rank, "default_method": rebuild.DEFAULT_DECOMPOSITION}
+    # First the per-method rebuild projection: the cheapest figure, and the one that picks the default.
+    result["rebuild_projected_s"] = decomposition_timings(layers, args.rank, device)
+    print(json.dumps(result), flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "tlora.safetensors")
+        write_tlora_file(layers, args.rank, path, torch.bfloat16)
+        subset_sd = None
+        if subset is not None:
+            from safetensors.torch import load_file
+
+            names = list(layers)[:subset]
+            subset_sd = {k: v for k, v in load_file(path).items() if k.split(".")[0] in names}
+            subset_path = os.path.join(folder, "subset.safetensors")
+            save_file(subset_sd, subset_path, {"lycoris_config": json.dumps({"tlora_min_rank": 1, "tlora_alpha": 1.0})})
+        result["load_tlora_cold_s"] = round(time_load_tlora(unet, path, device), 3)
+        unload_tlora(unet)
+        print(json.dumps({"load_tlora_cold_s": result["load_tlora_cold_s"]}), flush=True)
+        ours, theirs, theirs_no_gc, ours_subset = [], [], [], []
+        for _ in range(reps):
+            ours.append(time_load_tlora(unet, path, device))
+            mine = applied_tlora_modules(unet)
+            elapsed, network = time_lycoris(unet, path, device, weights_sd=subset_sd)
+            theirs.append(elapsed)
+            result["max_abs_delta_difference"] = max_delta_difference(mine, network.loras, args.rank)
+            network.restore()
+            del network
+            unload_tlora(unet)
+            elapsed, network = time_lycoris(unet, path, device, weights_sd=subset_sd, collect=False)
+            theirs_no_gc.append(elapsed)
+            network.restore()
+            del network
+            gc.collect()
+            if subset is not None:
+                ours_subset.append(time_load_tlora(unet, subset_path, device))
+                unload_tlora(unet)
+            print(json.dumps({"rep": len(ours), "load_tlora_s": ours[-1], "lycoris_s": theirs[-1],
+                              "lycoris_no_gc_s": theirs_no_gc[-1]}), flush=True)
+    result["load_tlora_s"] = round(statistics.median(ours), 3)
+    result["lycoris_s"] = round(statistics.median(theirs), 3)
+    result["lycoris_no_gc_s"] = round(statistics.median(theirs_no_gc), 3)
+    if subset is None:
+        result["ratio"] = round(result["lycoris_s"] / result["load_tlora_s"], 1)
+        result["ratio_no_gc"] = round(result["lycoris_no_gc_s"] / result["load_tlora_s"], 1)
+    else:
+        result["lycoris_modules_timed"] = subset
+        result["load_tlora_same_subset_s"] = round(statistics.median(ours_subset), 3)
+        per_module = result["lycoris_s"] / subset
+        result["lycoris_extrapolated_s"] = round(per_module * len(layers), 1)
+        result["ratio_extrapolated"] = round(result["lycoris_extrapolated_s"] / result["load_tlora_s"], 1)
+        result["ratio_same_subset"] = round(result["lycoris_s"] / result["load_tlora_same_subset_s"], 1)
+    if device == "cuda":
+        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print("RESULT", json.dumps(result), flush=True)
+
+
+def logging_quiet() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""`load_tlora` / `unload_tlora`: a T-LoRA file onto a stock pipeline as LyCORIS modules, masked by the hooks.
+
+Every format becomes LyCORIS `TLoraModule`s applied with LyCORIS's own `apply_to()` (never merged), so the masked
+forward is LyCORIS's and `enable_tlora` finds them. The modules are built without the SVD and `gc.collect()` that
+`TLoraModule.__init__` runs; base terms come from the file or from one batched rebuild (`rebuild.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lycoris import LycorisNetwork
+from lycoris.modules.tlora import TLoraModule
+from torch import nn
+
+from .api import _plan, enable_tlora
+from .discovery import applied_tlora_modules, is_pipeline, pipeline_modules, unwrap
+from .errors import TLoRAError
+from .formats import ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
+from .hooks import TLoRAHandle, installed_hook
+from .logging_utils import get_logger
+from .matching import Match, match_file
+from .modes import check_mode
+from .rebuild import rebuild_base_terms
+from .schedule import RankSchedule
+
+logger = get_logger(__name__)
+
+LOADED_ATTRIBUTE = "_tlora_hooks_loaded"
+
+
+class LoadedTLoraModule(TLoraModule):
+    """LyCORIS's TLoraModule, with its forward and mask API, built without the per-module SVD: `load_tlora` fills it."""
+
+    def _initialize_from_svd(self, org_module: nn.Module, in_dim: int, out_dim: int, flat_in_dim: int) -> None:
+        """Keep the freshly allocated tensors; the file (or the batched rebuild) provides every value."""
+
+
+@dataclass
+class LoadedTLoRA:
+    """What `load_tlora` put on one denoiser, kept on it so `unload_tlora` can undo exactly that."""
+
+    network: LycorisNetwork
+    path: str
+    format: str
+    enable_kwargs: dict[str, Any]
+    # layer -> its own instance `forward` before LyCORIS wrapped it (None: it had none, the class's ran).
+    original_forwards: list[tuple[nn.Module, Any]] = field(default_factory=list)
+
+    def attach(self) -> None:
+        self.original_forwards = [
+            (lora.org_module[0], lora.org_module[0].__dict__.get("forward")) for lora in self.network.loras
+        ]
+        self.network.apply_to()
+
+    def detach(self) -> None:
+        """LyCORIS's `restore()`, then the layers' own attributes exactly as they were."""
+        self.network.restore()
+        for layer, forward in self.original_forwards:
+            if "_lycoris_wrappers" in layer.__dict__:
+                continue  # another LyCORIS network still wraps it; its restore() finishes the job
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.__dict__["forward"] = forward
+
+
+def load_tlora(
+    target: Any,
+    path: str,
+    *,
+    min_rank: int | None = None,
+    alpha: float | None = None,
+    multiplier: float = 1.0,
+    strict: bool = False,
+    mode: str = "auto",
+    component: str | None = None,
+    timestep_fn: Any = None,
+    scheduler: Any = None,
+) -> TLoRAHandle:
+    """Load a T-LoRA file onto a pipeline (or a bare denoiser) and mask it by timestep on every denoiser call.
+
+    Reads LyCORIS/SimpleTuner and the official ControlGenAI formats (detected from the keys). The rank comes from
+    the tensors; `min_rank` and `alpha` (`tlora_min_rank`, `tlora_alpha`) from SimpleTuner's metadata unless passed.
+    `multiplier` scales the adapter. `strict=True` makes any key that matches no layer an error. `component` picks
+    the denoiser when several fit (Wan 2.2's two experts). `mode`, `timestep_fn`, `scheduler` go to `enable_tlora`.
+    Loading again replaces what was loaded on that denoiser. Returns `enable_tlora`'s handle; `unload_tlora(target)`
+    removes the modules and the hooks. A failed call changes nothing.
+    """
+    check_mode(mode)
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
+        raise TLoRAError(f"multiplier must be a finite number (the adapter strength, default 1.0), got {multiplier!r}.")
+    tlora_file = read_tlora_file(path)
+    schedule = _schedule(tlora_file, check_one_rank(tlora_file), min_rank, alpha)
+    match = match_file(target, tlora_file, component, strict)
+    if tlora_file.unused_keys:
+        logger.info(
+            "%s: skipped %d keys its trainer built but never used in its forward (e.g. %s)",
+            tlora_file.path, len(tlora_file.unused_keys), tlora_file.unused_keys[0],
+        )
+    _refuse_foreign_modules(match)
+    pipeline = target if is_pipeline(target) else None
+    if timestep_fn is None:
+        _plan(match.component, match.denoiser, pipeline, None)  # an unknown denoiser class fails before the work
+    loaded = LoadedTLoRA(
+        network=_build_network(match, tlora_file, multiplier),
+        path=tlora_file.path,
+        format=tlora_file.format,
+        enable_kwargs=dict(
+            max_rank=schedule.max_rank, min_rank=schedule.min_rank, alpha=schedule.alpha, mode=mode,
+            timestep_fn=timestep_fn, scheduler=scheduler,
+        ),
+    )
+    handle = _swap_in(target, match, loaded)
+    logger.info(
+        "Loaded %s (%s) onto %s: %d modules, rank %d, min_rank %d, alpha %s, multiplier %s",
+        tlora_file.path, tlora_file.format, match.component, len(match.layers),
+        schedule.max_rank, schedule.min_rank, schedule.alpha, multiplier,
+    )
+    return handle
+
+
+def unload_tlora(target: Any) -> None:
+    """Remove what `load_tlora` put on a pipeline or denoiser (modules and hooks); a no-op where nothing is loaded."""
+    if isinstance(target, nn.Module):
+        denoisers = [unwrap(target)]
+    elif is_pipeline(target):
+        denoisers = [unwrap(module) for module in pipeline_modules(target).values()]
+    else:
+        raise TLoRAError(
+            f"unload_tlora expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}."
+        )
+    for denoiser in denoisers:
+        loaded = denoiser.__dict__.get(LOADED_ATTRIBUTE)
+        if loaded is not None:
+            _remove(denoiser, loaded)
+
+
+def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: float | None) -> RankSchedule:
+    """Explicit arguments, else the file's metadata, else the defaults (1, 1.0) with a warning that the file was silent."""
+    settings = tlora_file.settings
+    chosen = {}
+    silent = []
+    for label, passed, recorded, default in (
+        ("min_rank", min_rank, settings.min_rank, 1), ("alpha", alpha, settings.alpha, 1.0),
+    ):
+        if passed is not None:
+            if recorded is not None and recorded != passed:
+                logger.info("%s=%s overrides the file's %s", label, passed, recorded)
+            chosen[label] = passed
+        elif recorded is not None:
+            chosen[label] = recorded
+        else:
+            chosen[label] = default
+            silent.append(f"tlora_{label} (using {default})")
+    if silent:
+        logger.warning(
+            "%s does not record %s; pass min_rank= and alpha= with the values it was trained with "
+            "(`tlora-hooks convert` can store them in the file).", tlora_file.path, " or ".join(silent),
+        )
+    if settings.linear_dim is not None and settings.linear_dim != rank:
+        logger.warning("%s: metadata says linear_dim=%s but the tensors have rank %d; using %d.",
+                       tlora_file.path, settings.linear_dim, rank, rank)
+    return RankSchedule(max_rank=rank, min_rank=chosen["min_rank"], alpha=chosen["alpha"])
+
+
+def _refuse_foreign_modules(match: Match) -> None:
+    """Stacking on T-LoRA modules applied by hand would put two adapters under one mask group."""
+    loaded = match.denoiser.__dict__.get(LOADED_ATTRIBUTE)
+    ours = {id(lora) for lora in loaded.network.loras} if loaded is not None else set()
+    foreign = [module for module in applied_tlora_modules(match.denoiser) if id(module) not in ours]
+    if foreign:
+        raise TLoRAError(
+            f"{match.component} already holds {len(foreign)} T-LoRA modules that load_tlora did not load. Remove them "
+            "first (`network.restore()` on the LyCORIS network that applied them), then load the file."
+        )
+
+
+@torch.no_grad()
+def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float) -> LycorisNetwork:
+    """LyCORIS modules for the matched layers, filled from the file, on each layer's device, in fp32 like LyCORIS's."""
+    network = LycorisNetwork(match.denoiser, init_only=True)
+    network.multiplier = multiplier
+    to_rebuild = []
+    for key, layer in match.layers.items():
+        weights = tlora_file.modules[key]
+        module = _allocate(key, layer, weights, multiplier)
+        _fill(module, weights)
+        if weights.base is None:
+            to_rebuild.append(module)
+        network.loras.append(module)
+    if to_rebuild:
+        rebuild_base_terms(to_rebuild)
+    return network
+
+
+def _allocate(key: str, layer: nn.Module, weights: ModuleWeights, multiplier: float) -> LoadedTLoraModule:
+    """Built on the meta device, then given uninitialised memory: nothing is computed that the file overwrites."""
+    with torch.device("meta"):
+        module = LoadedTLoraModule(key, layer, multiplier=multiplier, lora_dim=weights.rank, alpha=weights.alpha)
+    return module.to_empty(device=layer.weight.device)
+
+
+def _fill(module: LoadedTLoraModule, weights: ModuleWeights) -> None:
+    module.q_layer.weight.copy_(weights.q.reshape(module.q_layer.weight.shape))
+    module.p_layer.weight.copy_(weights.p.reshape(module.p_layer.weight.shape))
+    module.lambda_layer.copy_(weights.lam.reshape(module.lambda_layer.shape))
+    module.alpha.fill_(weights.alpha)
+    module.dtype_tensor.zero_()
+    if weights.base is not None:
+        module.base_q.copy_(weights.base.q.reshape(module.base_q.shape))
+        module.base_p.copy_(weights.base.p.reshape(module.base_p.shape))
+        module.base_lambda.copy_(weights.base.lam.reshape(module.base_lambda.shape))
+
+
+def _swap_in(target: Any, match: Match, loaded: LoadedTLoRA) -> TLoRAHandle:
+    """Replace what was loaded on this denoiser; on any failure put the previous state back."""
+    denoiser = match.denoiser
+    previous = denoiser.__dict__.get(LOADED_ATTRIBUTE)
+    if previous is not None:
+        _remove(denoiser, previous)
+    loaded.attach()
+    try:
+        handle = _enable(target, match.component, loaded)
+    except BaseException:
+        loaded.detach()
+        if previous is not None:
+            previous.attach()
+            _enable(target, match.component, previous)
+            denoiser.__dict__[LOADED_ATTRIBUTE] = previous
+        raise
+    denoiser.__dict__[LOADED_ATTRIBUTE] = loaded
+    return handle
+
+
+def _enable(target: Any, component: str, loaded: LoadedTLoRA) -> TLoRAHandle:
+    components = {"components": [component]} if is_pipeline(target) else {}
+    return enable_tlora(target, **loaded.enable_kwargs, **components)
+
+
+def _remove(denoiser: nn.Module, loaded: LoadedTLoRA) -> None:
+    hook = installed_hook(denoiser)
+    if hook is not None:
+        hook.remove()
+    loaded.detach()
+    denoiser.__dict__.pop(LOADED_ATTRIBUTE, None)

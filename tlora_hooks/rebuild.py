@@ -1,0 +1,115 @@
+"""The base terms LyCORIS does not save, rebuilt as its `make_module_from_state_dict` does, but batched and without gc.
+
+LyCORIS builds `base_q = vh[:r]`, `base_p = u[:, :r]`, `base_lambda = s[:r]` from `torch.linalg.svd` of the current
+base weight in fp32 (principal triplets, zero-padded when r > min(out, in)), and runs `gc.collect()` per module.
+Here same-shaped weights are decomposed together on their own device. Only the products sigma_i u_i v_i^T enter the
+forward, so the sign each decomposition picks for a singular pair does not matter.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from lycoris.modules.tlora import TLoraModule
+from tqdm.auto import tqdm
+
+from .logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+# LyCORIS's value for the singular values of padding ranks (r > min(out, in)); their vectors are zero.
+PADDING_SINGULAR_VALUE = 1e-6
+# Working memory per batch of same-shaped weights.
+CHUNK_BYTES = 1 << 30
+
+Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def gram_eigh_triplets(weights: torch.Tensor, k: int) -> Triplets:
+    """Top-k singular triplets of a (batch, out, in) stack from an fp64 eigendecomposition of the smaller Gram matrix.
+
+    The Gram matrix squares the condition number, so it is formed and decomposed in fp64: the top triplets then come
+    out more accurate than an fp32 SVD's. The other side's vectors are W v / sigma, so sigma u v^T = W v v^T exactly.
+    """
+    w = weights.to(torch.float64)
+    tall = w.shape[-2] >= w.shape[-1]
+    gram = w.mT @ w if tall else w @ w.mT
+    values, vectors = torch.linalg.eigh(gram)
+    values = values.flip(-1)[..., :k].clamp_min(0)
+    vectors = vectors.flip(-1)[..., :k]
+    sigma = values.sqrt()
+    other = (w @ vectors) if tall else (w.mT @ vectors)
+    other = torch.where(sigma.unsqueeze(-2) > 0, other / sigma.unsqueeze(-2).clamp_min(1e-300), 0.0)
+    u, v = (other, vectors) if tall else (vectors, other)
+    return u.float(), sigma.float(), v.mT.float()
+
+
+def svd_triplets(weights: torch.Tensor, k: int) -> Triplets:
+    """Top-k singular triplets from `torch.linalg.svd` in fp32, LyCORIS's own computation, batched."""
+    u, s, vh = torch.linalg.svd(weights.float(), full_matrices=False)
+    return u[..., :k], s[..., :k], vh[..., :k, :]
+
+
+DECOMPOSITIONS: dict[str, Callable[[torch.Tensor, int], Triplets]] = {
+    "gram-eigh": gram_eigh_triplets,
+    "svd": svd_triplets,
+}
+# Chosen by benchmarks/bench_load.py (see benchmarks/RESULTS.md): faster on CPU, and exact to LyCORIS within 1e-5.
+DEFAULT_DECOMPOSITION = "gram-eigh"
+
+
+def principal_base_terms(weights: torch.Tensor, rank: int, method: str | None = None) -> Triplets:
+    """(base_q (b, rank, in), base_p (b, out, rank), base_lambda (b, rank)) as LyCORIS's `principal` init, padded."""
+    k = min(rank, *weights.shape[-2:])
+    u, s, vh = DECOMPOSITIONS[method or DEFAULT_DECOMPOSITION](weights, k)
+    pad = rank - k
+    if pad:
+        vh = torch.nn.functional.pad(vh, (0, 0, 0, pad))
+        u = torch.nn.functional.pad(u, (0, pad))
+        s = torch.nn.functional.pad(s, (0, pad), value=PADDING_SINGULAR_VALUE)
+    return vh, u, s
+
+
+@torch.no_grad()
+def rebuild_base_terms(
+    modules: Iterable[TLoraModule], *, method: str | None = None, progress: bool | None = None
+) -> None:
+    """Fill `base_q`, `base_p`, `base_lambda` of LyCORIS T-LoRA modules from their wrapped layers' current weights.
+
+    `method` names a `DECOMPOSITIONS` entry (default `DEFAULT_DECOMPOSITION`); `progress` None shows a bar on a TTY.
+    """
+    method = method or DEFAULT_DECOMPOSITION
+    groups: dict[tuple, list[TLoraModule]] = {}
+    for module in modules:
+        weight = module.org_module[0].weight
+        groups.setdefault((tuple(weight.shape), weight.device, weight.dtype, module.lora_dim), []).append(module)
+    total = sum(len(group) for group in groups.values())
+    disable = None if progress is None else not progress
+    with tqdm(total=total, desc="T-LoRA base rebuild", unit="module", disable=disable) as bar:
+        for (shape, _, _, rank), group in groups.items():
+            out_dim = shape[0]
+            flat_in = 1
+            for size in shape[1:]:
+                flat_in *= size
+            per_matrix = 8 * (3 * out_dim * flat_in + 2 * min(out_dim, flat_in) ** 2)
+            chunk = max(1, CHUNK_BYTES // per_matrix)
+            for start in range(0, len(group), chunk):
+                part = group[start : start + chunk]
+                weights = torch.stack([m.org_module[0].weight.detach().reshape(out_dim, flat_in) for m in part])
+                base_q, base_p, base_lambda = principal_base_terms(weights, rank, method)
+                for index, module in enumerate(part):
+                    _assign(module, base_q[index], base_p[index], base_lambda[index])
+                bar.update(len(part))
+    logger.info("Rebuilt the T-LoRA base terms of %d modules in %d shape groups (%s)", total, len(groups), method)
+
+
+def _assign(module: TLoraModule, q: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> None:
+    """Store one module's base terms in LyCORIS's layout (`_initialize_from_svd`, including its conv slicing)."""
+    if module.isconv:
+        kernel_ones = [1] * (len(module.conv_shape) - 2)
+        q = q[:, : module.shape[1]].reshape(module.lora_dim, module.shape[1], *kernel_ones)
+        p = p[: module.shape[0], :].reshape(module.shape[0], module.lora_dim, *kernel_ones)
+    module.base_q.copy_(q)
+    module.base_p.copy_(p)
+    module.base_lambda.copy_(lam.unsqueeze(0))

@@ -80,12 +80,16 @@ class DenoiserHook:
         setattr(denoiser, STATE_ATTRIBUTE, self)
 
     # -- per call -------------------------------------------------------------------------------
+    # Under torch.compile(denoiser) the hooks run eagerly: the graph breaks only here, and never depends on the
+    # timestep's value, so a new rank does not recompile (the mask reaches the layers as device data).
+    @torch.compiler.disable
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._claim()
         value = self.read_timestep(module, args, kwargs)
         device = compute_device(args, kwargs, fallback=_parameter_device(module))
         self.path.set_mask(self.mask_for(value, device))
 
+    @torch.compiler.disable
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._release():
             self.path.clear_mask()

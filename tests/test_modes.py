@@ -252,3 +252,17 @@ def test_fold_follows_weights_moved_after_enabling():
     for out, (_, _, ref) in zip(outputs, calls):
         assert ((out - ref).abs().max() / ref.abs().max()).item() <= TOLERANCE[torch.bfloat16]
     assert_bit_identical(pipe.unet, expected)
+
+
+def test_first_call_under_inference_mode_then_under_no_grad():
+    """Buffers made inside `torch.inference_mode()` could not be updated outside it."""
+    pipe, kw = tiny.flux()
+    with enable_tlora(pipe, max_rank=8, mode="lycoris"):
+        calls = record_calls(pipe, pipe.transformer, kw)
+    for mode in FAST_MODES:
+        with enable_tlora(pipe, max_rank=8, mode=mode):
+            with torch.inference_mode():
+                replay(pipe.transformer, calls[:2])
+            outputs = replay(pipe.transformer, calls)
+        for out, (_, _, ref) in zip(outputs, calls):
+            assert relative_error(out, ref) <= TOLERANCE[torch.bfloat16]

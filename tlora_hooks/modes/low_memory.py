@@ -42,7 +42,8 @@ class RankMasks:
     def buffer(self, rank: int, device: torch.device) -> torch.Tensor:
         key = (rank, device)
         if key not in self.buffers:
-            self.buffers[key] = torch.ones(2 * rank, device=device, dtype=self.dtype)
+            with torch.inference_mode(False):  # a normal tensor: later calls may run outside inference mode
+                self.buffers[key] = torch.ones(2 * rank, device=device, dtype=self.dtype)
         return self.buffers[key]
 
     def for_input(self, rank: int, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,8 @@ class BypassDelta:
         return self.a, self.b
 
     def build(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.a, self.b = delta_factors(self.module, device, dtype)
+        with torch.inference_mode(False):  # usable by later calls outside inference mode, with autograd on
+            self.a, self.b = delta_factors(self.module, device, dtype)
 
     @property
     def nbytes(self) -> int:

@@ -32,7 +32,7 @@ class MixedPath:
 
     @property
     def name(self) -> str:
-        return "+".join(part.name for part in self.parts) or "none"
+        return "+".join(part.name for part in self.parts if getattr(part, "runs_modules", True)) or "none"
 
     @property
     def mask_dtype(self) -> torch.dtype:

@@ -309,7 +309,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["sdxl", "flux", "both"], default="both")
     parser.add_argument("--steps", type=int, default=None, help="timed calls per loop (default 8 on CUDA, 3 on CPU)")
-    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3 on CUDA, 5 on CPU)")
+    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3)")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--res", type=int, default=1024)
     parser.add_argument("--flux-blocks", choices=["anchor", "full"], default="anchor",
@@ -320,7 +320,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args.steps = args.steps or (8 if device == "cuda" else 3)
-    args.reps = args.reps or (3 if device == "cuda" else 5)
+    args.reps = args.reps or 3
     args.variants = [v for v in (args.variants or ",".join(CUDA_VARIANTS if device == "cuda" else VARIANTS)).split(",") if v]
     unknown = set(args.variants) - set(CUDA_VARIANTS)
     if unknown:

@@ -55,17 +55,18 @@ PathFactory = Callable[[list[TLoraModule], int, "nn.Module | None"], MaskedForwa
 def _split(modules: list[TLoraModule], denoiser: nn.Module | None) -> tuple[list, list, list]:
     """(foldable, other fast-path modules, modules left to LyCORIS's forward)."""
     offloaded = denoiser is not None and any(has_offload_hook(m) for m in denoiser.modules())
-    seen_layers: set[int] = set()
+    seen: set[int] = set()  # a layer (or a weight tied between layers) is folded once; other modules on it bypass
     fold, bypass, rest = [], [], []
     for module in modules:
-        layer_id = id(base_layer(module))
+        layer = base_layer(module)
+        ids = {id(layer), id(getattr(layer, "weight", None))}
         if not takes_fast_path(module):
             rest.append(module)
-        elif not offloaded and layer_id not in seen_layers and foldable(module) and _reachable(module):
+        elif not offloaded and not ids & seen and foldable(module) and _reachable(module):
             fold.append(module)
         else:
             bypass.append(module)
-        seen_layers.add(layer_id)
+        seen |= ids
     return fold, bypass, rest
 
 

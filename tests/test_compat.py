@@ -20,6 +20,9 @@ from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import STATE_ATTRIBUTE
 
 SDXL_SCHEDULE = (8, 1, 1.0)
+# The rank probe reads LyCORIS's own per-module mask lookup; the fast paths are compared with it in test_modes.py,
+# and under offloading in test_default_mode_under_offloading below.
+MODE = "lycoris"
 
 
 def sdxl_latents(seed: int = 1) -> torch.Tensor:
@@ -30,7 +33,7 @@ def sdxl_latents(seed: int = 1) -> torch.Tensor:
 def uncomposed():
     """The hooked tiny SDXL run with nothing else in the stack: output and per-call ranks."""
     pipe, kw = tiny.sdxl(steps=3)
-    enable_tlora(pipe, *SDXL_SCHEDULE)
+    enable_tlora(pipe, *SDXL_SCHEDULE, mode=MODE)
     return run(pipe, kw, sdxl_latents()), expected_ranks(pipe, SDXL_SCHEDULE)
 
 
@@ -57,11 +60,11 @@ def test_model_cpu_offload(order, uncomposed, rank_probe):
     pipe, kw = tiny.sdxl(steps=3)
     diffusers_calls = add_diffusers_hook(pipe.unet) if order == "diffusers_hook_offload_enable" else None
     if order == "enable_then_offload":
-        enable_tlora(pipe, *SDXL_SCHEDULE)
+        enable_tlora(pipe, *SDXL_SCHEDULE, mode=MODE)
         pipe.enable_model_cpu_offload(device="cpu")
     else:
         pipe.enable_model_cpu_offload(device="cpu")
-        enable_tlora(pipe, *SDXL_SCHEDULE)  # a torch hook registered after accelerate's (and diffusers') hooks
+        enable_tlora(pipe, *SDXL_SCHEDULE, mode=MODE)  # a torch hook registered after accelerate's (and diffusers') hooks
     rank_probe.watch("unet", pipe.unet)
     for _ in range(2):  # maybe_free_model_hooks() removes and re-adds the offload hooks after each call
         assert torch.equal(run(pipe, kw, sdxl_latents()), expected_out)
@@ -81,10 +84,29 @@ def test_group_offloading(offload_type, uncomposed, rank_probe):
     apply_group_offloading(
         pipe.unet, onload_device=torch.device("cpu"), offload_type=offload_type, num_blocks_per_group=1
     )
-    enable_tlora(pipe, *SDXL_SCHEDULE)
+    enable_tlora(pipe, *SDXL_SCHEDULE, mode=MODE)
     rank_probe.watch("unet", pipe.unet)
     assert torch.equal(run(pipe, kw, sdxl_latents()), expected_out)
     assert rank_probe.ranks() == ranks
+
+
+@pytest.mark.parametrize("offload", ["model_cpu_offload", "group_offloading"])
+def test_default_mode_under_offloading(offload, uncomposed):
+    """The default mode sees the offloading hooks, runs its low-memory path, and gives the LyCORIS-masked output."""
+    from diffusers.hooks import apply_group_offloading
+
+    expected_out, _ = uncomposed
+    pipe, kw = tiny.sdxl(steps=3)
+    if offload == "model_cpu_offload":
+        pipe.enable_model_cpu_offload(device="cpu")
+    else:
+        apply_group_offloading(pipe.unet, onload_device=torch.device("cpu"), offload_type="leaf_level")
+    handle = enable_tlora(pipe, *SDXL_SCHEDULE)
+    weights = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
+    for _ in range(2):
+        torch.testing.assert_close(run(pipe, kw, sdxl_latents()), expected_out, atol=1e-5, rtol=1e-5)
+    assert handle.mode == {"unet": "low_memory"}
+    assert all(torch.equal(p, weights[name]) for name, p in pipe.unet.named_parameters()), "no weight is written"
 
 
 # -- torch.compile ------------------------------------------------------------------------------------------------
@@ -152,7 +174,7 @@ def test_first_block_cache(rank_probe):
         reference = run(pipe, kw, latents)
     assert not torch.equal(reference, without_cache), "the cache should skip blocks at this threshold"
 
-    enable_tlora(pipe, *schedule)  # registered after the diffusers hooks
+    enable_tlora(pipe, *schedule, mode=MODE)  # registered after the diffusers hooks
     rank_probe.watch("transformer", pipe.transformer)
     assert torch.equal(run(pipe, kw, latents), reference)
     assert rank_probe.ranks() == expected_ranks(pipe, schedule, calls_per_step=2)
@@ -179,9 +201,9 @@ def test_peft_lora_loaded_beside(order, rank_probe):
         tlora_only = run(pipe, kw, latents)
     if order == "peft_first":
         pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
-        handle = enable_tlora(pipe, *schedule)
+        handle = enable_tlora(pipe, *schedule, mode=MODE)
     else:
-        handle = enable_tlora(pipe, *schedule)
+        handle = enable_tlora(pipe, *schedule, mode=MODE)
         pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
     rank_probe.watch("transformer", pipe.transformer)
     out = run(pipe, kw, latents)
@@ -213,7 +235,7 @@ def test_pipe_to_dtype_after_enabling(also_tlora_modules, rank_probe):
         reference = run(reference_pipe, kw, latents)
 
     pipe, kw = tiny.sdxl(steps=3)
-    enable_tlora(pipe, *SDXL_SCHEDULE)
+    enable_tlora(pipe, *SDXL_SCHEDULE, mode=MODE)
     run(pipe, kw, latents.float())  # tables built for fp32 first
     convert(pipe)
     rank_probe.watch("unet", pipe.unet)
@@ -252,7 +274,7 @@ def test_controlnet_pipeline_masks_the_denoiser_not_the_controlnet(rank_probe):
         reference = run(control_pipe, kw, latents, image=image)
     controlnet_hooks = len(control_pipe.controlnet._forward_pre_hooks), len(control_pipe.controlnet._forward_hooks)
 
-    handle = enable_tlora(control_pipe, *SDXL_SCHEDULE)
+    handle = enable_tlora(control_pipe, *SDXL_SCHEDULE, mode=MODE)
     assert handle.denoisers == ["unet"]
     assert (len(control_pipe.controlnet._forward_pre_hooks), len(control_pipe.controlnet._forward_hooks)) == controlnet_hooks
     assert STATE_ATTRIBUTE not in control_pipe.controlnet.__dict__
@@ -270,7 +292,7 @@ def test_from_pipe_sharing_the_scheduler_needs_nothing(rank_probe):
     from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline
 
     pipe, kw = tiny.sdxl(steps=4)
-    enable_tlora(pipe, *SDXL_SCHEDULE)
+    enable_tlora(pipe, *SDXL_SCHEDULE, mode=MODE)
     vae = AutoencoderKL(block_out_channels=[4] * 4, norm_num_groups=1, latent_channels=4,
                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
     img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe, vae=vae)  # img2img reads the VAE's config
@@ -291,7 +313,7 @@ def test_from_pipe_with_its_own_scheduler(rank_probe):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     pipe, kw = tiny.sdxl(steps=4)
-    enable_tlora(pipe, *SDXL_SCHEDULE)
+    enable_tlora(pipe, *SDXL_SCHEDULE, mode=MODE)
     run(pipe, kw, sdxl_latents())  # leaves pipe.scheduler.timesteps = its 4 steps
     ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
@@ -308,7 +330,7 @@ def test_from_pipe_replacing_the_original_keeps_snapping():
     from diffusers import FluxPipeline
 
     pipe, _ = tiny.flux(rank=1000)
-    enable_tlora(pipe, max_rank=1000)
+    enable_tlora(pipe, max_rank=1000, mode=MODE)
     pipe = FluxPipeline.from_pipe(pipe)
     gc.collect()
     pipe.scheduler.timesteps = torch.tensor([1000.0, 869.5759, 500.0])

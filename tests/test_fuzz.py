@@ -32,7 +32,7 @@ def expected_rank(value: float) -> int:
 @pytest.fixture(scope="module")
 def toy():
     toy = toy_with_tlora(rank=MAX_RANK)
-    enable_tlora(toy, MAX_RANK, MIN_RANK)
+    enable_tlora(toy, MAX_RANK, MIN_RANK, mode="lycoris")  # the rank probe reads LyCORIS's own mask lookup
     return toy
 
 

@@ -114,7 +114,7 @@ def test_flux_bf16_value_snaps_to_the_scheduler_timestep():
 
 def test_mask_is_built_in_the_modules_dtype_on_the_call_device():
     pipe, _ = tiny.flux()
-    handle = enable_tlora(pipe, max_rank=8)
+    handle = enable_tlora(pipe, max_rank=8, mode="lycoris")
     hook = getattr(pipe.transformer, STATE_ATTRIBUTE)
     mask = hook.mask_for(torch.tensor([0.5], dtype=torch.bfloat16), torch.device("cpu"))
     assert mask.shape == (1, 8) and mask.dtype == tlora_modules(pipe.transformer)[0].lambda_layer.dtype

@@ -85,7 +85,7 @@ def enable_tlora(
             convention=convention,
             read_timestep=reader,
             scheduler_source=_scheduler_source(pipeline, name, scheduler),
-            path=build_path(mode, modules, next_mask_group()),
+            path=build_path(mode, modules, next_mask_group(), denoiser=denoiser),
         )
         if convention.video:
             _warn_video_once()

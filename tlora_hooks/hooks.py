@@ -92,8 +92,9 @@ class DenoiserHook:
         setattr(denoiser, STATE_ATTRIBUTE, self)
 
     # -- per call -------------------------------------------------------------------------------
-    # Eager even around a compiled denoiser: traced, the hook's Python state (tables, thread guard) would become
-    # guards that recompile the graph as it changes.
+    # Under torch.compile(denoiser) the hooks run eagerly: the graph breaks only here. Traced, the hook's Python
+    # state (tables, thread guard) would become guards that recompile as it changes; eager, a new rank reaches
+    # the layers as device data and recompiles nothing.
     @torch.compiler.disable
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._claim()

@@ -106,7 +106,7 @@ def load_tlora(
     if timestep_fn is None:
         _plan(match.component, match.denoiser, pipeline, None)  # an unknown denoiser class fails before the work
     loaded = LoadedTLoRA(
-        network=_build_network(match, tlora_file, multiplier),
+        network=_build_on_pristine_weights(target, match, tlora_file, multiplier),
         path=tlora_file.path,
         format=tlora_file.format,
         enable_kwargs=dict(
@@ -177,6 +177,21 @@ def _refuse_foreign_modules(match: Match) -> None:
             f"{match.component} already holds {len(foreign)} T-LoRA modules that load_tlora did not load. Remove them "
             "first (`network.restore()` on the LyCORIS network that applied them), then load the file."
         )
+
+
+def _build_on_pristine_weights(target: Any, match: Match, tlora_file: TLoraFile, multiplier: float) -> LycorisNetwork:
+    """Build with the hooks of an earlier load removed: a fold path keeps that adapter's delta in the weights
+    between calls, and the base rebuild must see the model's own weights. On failure the earlier hooks come back."""
+    previous = match.denoiser.__dict__.get(LOADED_ATTRIBUTE)
+    hook = installed_hook(match.denoiser)
+    if hook is not None:
+        hook.remove()
+    try:
+        return _build_network(match, tlora_file, multiplier)
+    except BaseException:
+        if hook is not None and previous is not None:
+            _enable(target, match.component, previous)
+        raise
 
 
 @torch.no_grad()

@@ -10,6 +10,8 @@ class LycorisMaskPath:
     """Keeps LyCORIS's module forward and sets its mask for one denoiser's private mask group."""
 
     name = "lycoris"
+    # False where the fast paths run every module and this path only publishes the mask in the group.
+    runs_modules = True
 
     def __init__(self, modules: list[TLoraModule], group_id: int) -> None:
         self.modules = modules

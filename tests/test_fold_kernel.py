@@ -1,0 +1,83 @@
+"""The fused Triton fold against `torch.baddbmm`, on CUDA or in Triton's CPU interpreter.
+
+Triton is not a dependency (CUDA builds of torch ship it; it is ~1 GB on CPU), so without it these tests skip: the
+fold itself is tested on CPU through `baddbmm` in test_modes.py, and on a GPU each group self-checks the kernel
+against `baddbmm` before using it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from tlora_hooks.modes import fold_kernel
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def device(monkeypatch):
+    if torch.cuda.is_available():
+        yield torch.device("cuda")
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel's module is imported
+        sys.modules.pop("tlora_hooks.modes.fold_triton", None)
+        fold_kernel._kernel.cache_clear()
+        yield torch.device("cpu")
+    sys.modules.pop("tlora_hooks.modes.fold_triton", None)
+    fold_kernel._kernel.cache_clear()
+
+
+def half_dtypes(device):
+    """Triton's interpreter runs on numpy, which has no bfloat16: it checks the kernel's logic in float16."""
+    return [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float16]
+
+
+def factors(device, dtype, layers=3, out_features=40, in_features=72, rank=12):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(layers, out_features, in_features, generator=g).to(device, dtype)
+    b = (torch.randn(layers, out_features, 2 * rank, generator=g) * 0.1).to(device, dtype)
+    a = torch.randn(layers, 2 * rank, in_features, generator=g).to(device, dtype)
+    return base, b, a
+
+
+def doubled(rank, active, device, dtype):
+    mask = (torch.arange(rank) < active).to(device, dtype)
+    return torch.cat([mask, mask])
+
+
+@pytest.mark.parametrize("rank", [4, 12, 64])
+def test_fused_fold_matches_baddbmm(device, rank):
+    for dtype in half_dtypes(device):
+        check_against_baddbmm(device, dtype, rank)
+
+
+def check_against_baddbmm(device, dtype, rank):
+    base, b, a = factors(device, dtype, rank=rank)
+    assert fold_kernel.supports(base)
+    for active in (1, rank // 2, rank):
+        mask = doubled(rank, active, device, dtype)
+        expected = torch.baddbmm(base, b * mask, a)
+        weights = torch.empty_like(base)
+        fold_kernel.fused_fold(base, b, a, mask, torch.full_like(mask, float("nan")), weights)
+        delta, expected_delta = (weights - base).float(), (expected - base).float()
+        assert (weights.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()
+        torch.testing.assert_close(delta, expected_delta, atol=2e-2 * expected_delta.abs().max().item(), rtol=0)
+    assert fold_kernel.self_check(base, b, a)
+
+
+def test_fused_fold_skips_an_unchanged_mask_and_refolds_a_new_one(device):
+    dtype = half_dtypes(device)[-1]
+    base, b, a = factors(device, dtype)
+    previous = torch.full((24,), float("nan"), device=device, dtype=base.dtype)
+    weights = torch.empty_like(base)
+    fold_kernel.fused_fold(base, b, a, doubled(12, 5, device, dtype), previous, weights)
+    weights.zero_()
+    fold_kernel.fused_fold(base, b, a, doubled(12, 5, device, dtype), previous, weights)
+    assert torch.count_nonzero(weights) == 0, "same mask: nothing loaded or stored"
+    six = doubled(12, 6, device, dtype)
+    fold_kernel.fused_fold(base, b, a, six, previous, weights)
+    expected = torch.baddbmm(base, b * six, a)
+    assert (weights.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()

@@ -1,0 +1,268 @@
+"""Every fast path against LyCORIS's own masked forward (`mode="lycoris"`), call by call, and exact restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tiny
+from tlora_hooks import disable_tlora, enable_tlora
+from tlora_hooks.discovery import applied_tlora_modules
+from tlora_hooks.modes import factors
+
+FAST_MODES = ("low_memory", "fold", "auto")
+
+
+def first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def clone_tree(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: clone_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(clone_tree(v) for v in value)
+    return value
+
+
+def record_calls(pipe, denoiser, kw):
+    """Run the pipeline once; return every denoiser call's (args, kwargs, output)."""
+    calls = []
+    pre = denoiser.register_forward_pre_hook(
+        lambda m, a, k: calls.append([clone_tree(a), clone_tree(k), None]), with_kwargs=True
+    )
+    post = denoiser.register_forward_hook(
+        lambda m, a, k, o: calls[-1].__setitem__(2, first_tensor(o).detach().clone()), with_kwargs=True
+    )
+    with torch.no_grad():
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+    pre.remove()
+    post.remove()
+    return calls
+
+
+def replay(denoiser, calls):
+    """The same calls again, one by one (the hooks mask each from its own timestep)."""
+    with torch.no_grad():
+        return [first_tensor(denoiser(*args, **kwargs)).clone() for args, kwargs, _ in calls]
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def assert_bit_identical(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+
+
+def build(family: str, dtype: torch.dtype):
+    if family == "sdxl":
+        pipe, kw = tiny.sdxl()
+        if dtype != torch.float32:  # LyCORIS modules stay fp32, as when loaded from a file
+            pipe.to(dtype)
+            kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        return pipe, kw, pipe.unet
+    pipe, kw = tiny.flux(dtype=dtype)
+    return pipe, kw, pipe.transformer
+
+
+# Relative to the output's largest value. bf16: the fast paths round W0 + ΔW (or the delta) once, LyCORIS rounds ΔW
+# and W0 + ΔW separately; seen: 1.1e-2 (SDXL), 5.5e-3 (Flux), while unmasking moves the outputs by 5.6 % and 3.5 %.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_every_mode_matches_lycoris_call_by_call(family, dtype):
+    pipe, kw, denoiser = build(family, dtype)
+    before = snapshot(denoiser)
+    with enable_tlora(pipe, max_rank=8, mode="lycoris"):
+        calls = record_calls(pipe, denoiser, kw)
+    reference = [output for _, _, output in calls]
+    tolerance = TOLERANCE[dtype]
+    # Unmasked (every rank at every call) must be far outside the tolerance, or the comparison proves nothing.
+    unmasked = replay(denoiser, calls)
+    assert max(relative_error(u, r) for u, r in zip(unmasked, reference)) > 2 * tolerance
+
+    for mode in FAST_MODES:
+        handle = enable_tlora(pipe, max_rank=8, mode=mode)
+        outputs = replay(denoiser, calls)
+        if mode != "low_memory":
+            assert "fold" in next(iter(handle.mode.values())), handle.mode
+        handle.remove()
+        for step, (out, ref) in enumerate(zip(outputs, reference)):
+            error = relative_error(out, ref)
+            assert error <= tolerance, f"{mode}, call {step}: relative error {error:.2e}"
+        assert_bit_identical(denoiser, before)
+
+
+def test_modules_of_smaller_rank_read_the_first_ranks_of_the_mask():
+    """LyCORIS truncates the (1, max_rank) mask to each module's own rank; the fast paths must too."""
+    pipe, kw = tiny.sdxl(rank=None)
+    tiny.add_tlora(pipe.unet, 8, targets=("Attention",), seed=1)
+    tiny.add_tlora(pipe.unet, 4, targets=("FeedForward",), seed=2)
+    assert {m.lora_dim for m in applied_tlora_modules(pipe.unet)} == {4, 8}
+    with enable_tlora(pipe, max_rank=8, mode="lycoris"):
+        calls = record_calls(pipe, pipe.unet, kw)
+    for mode in ("low_memory", "fold"):
+        with enable_tlora(pipe, max_rank=8, mode=mode):
+            outputs = replay(pipe.unet, calls)
+        for out, (_, _, ref) in zip(outputs, calls):
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_fold_restores_weights_bit_identical_in_their_own_storage_and_lycoris_works_after():
+    pipe, kw = tiny.sdxl()
+    unet = pipe.unet
+    modules = applied_tlora_modules(unet)
+    parameters = {name: p for name, p in unet.named_parameters()}
+    before = snapshot(unet)
+    with enable_tlora(pipe, max_rank=8, mode="lycoris"):
+        reference = record_calls(pipe, unet, kw)
+
+    handle = enable_tlora(pipe, max_rank=8, mode="fold")
+    replay(unet, reference)
+    assert handle.mode == {"unet": "fold"}
+    disable_tlora(pipe)
+
+    assert_bit_identical(unet, before)
+    assert dict(unet.named_parameters()) == parameters, "the same Parameter objects"
+    for module in modules:
+        weight = module.org_module[0].weight
+        assert weight.untyped_storage().nbytes() == weight.numel() * weight.element_size(), "not a view of a stack"
+        assert module.org_module[0].__dict__["forward"] == module.forward, "LyCORIS is back in the layer's forward"
+    assert applied_tlora_modules(unet) == modules
+    # LyCORIS's own forward runs again, with the mask: same outputs as before the fold.
+    with enable_tlora(pipe, max_rank=8, mode="lycoris"):
+        again = replay(unet, reference)
+    for out, (_, _, ref) in zip(again, reference):
+        assert torch.equal(out, ref)
+
+
+def test_low_memory_never_touches_the_weights():
+    pipe, kw = tiny.flux()
+    transformer = pipe.transformer
+    before = snapshot(transformer)
+    handle = enable_tlora(pipe, max_rank=8, mode="low_memory")
+    pipe(**kw)
+    assert_bit_identical(transformer, before)  # during use, not only after
+    handle.remove()
+    assert_bit_identical(transformer, before)
+    for module in applied_tlora_modules(transformer):
+        assert "bypass_forward" not in module.__dict__ and not module.bypass_mode
+
+
+def test_extra_memory_is_reported():
+    pipe, kw = tiny.sdxl()
+    modules = applied_tlora_modules(pipe.unet)
+    weight_bytes = sum(m.org_module[0].weight.numel() * 4 for m in modules)
+    factor_bytes = sum(factors.factor_bytes(m, torch.float32) for m in modules)
+
+    fold = enable_tlora(pipe, max_rank=8, mode="fold")
+    assert fold.extra_memory_bytes == weight_bytes + factor_bytes
+    low = enable_tlora(pipe, max_rank=8, mode="low_memory")
+    pipe(**kw)  # the bypass builds its factors on the first call
+    assert low.extra_memory_bytes == factor_bytes
+    assert fold.extra_memory_bytes == 0, "replaced handles report nothing"
+    low.remove()
+
+
+def test_auto_folds_many_token_layers_and_bypasses_few_token_ones(monkeypatch):
+    """Measured on the first call: cross-attention K/V read 2 x 8 text tokens, the other layers 2 x 64 pixels."""
+    from tlora_hooks.modes import mixed
+
+    monkeypatch.setattr(mixed, "BYPASS_LAUNCH_BYTES", 0)  # tiny layers: compare bytes alone
+    pipe, kw = tiny.sdxl()
+    kw.update(height=128, width=128)
+    handle = enable_tlora(pipe, max_rank=8)
+    assert handle.mode == {"unet": "low_memory"}, "the first call measures"
+    pipe(**kw)
+    path = pipe.unet._tlora_hooks_state.path
+    folded = {m.lora_name for m in path.parts[0].modules}
+    bypassed = {m.lora_name for m in path.low_memory.modules}
+    assert handle.mode == {"unet": "fold+low_memory"}
+    assert bypassed == {n for n in folded | bypassed if "attn2_to_k" in n or "attn2_to_v" in n}
+    assert len(bypassed) == 8 and len(folded) == 32  # 4 transformer blocks: K and V of attn2 / the 8 others
+    handle.remove()
+
+
+def test_auto_uses_low_memory_when_memory_is_short(monkeypatch):
+    import tlora_hooks.modes as modes
+
+    monkeypatch.setattr(modes, "memory_info", lambda device: (1 << 10, 1 << 30))
+    pipe, kw = tiny.sdxl()
+    with enable_tlora(pipe, max_rank=8) as handle:
+        pipe(**kw)
+        assert handle.mode == {"unet": "low_memory"}
+
+
+def test_auto_uses_low_memory_for_fp8_weights_cast_by_hooks():
+    """diffusers layerwise casting stores weights in fp8 and upcasts them inside each call: nothing to fold."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    pipe, kw = tiny.sdxl()
+    apply_layerwise_casting(pipe.unet, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    before = snapshot(pipe.unet)
+    with enable_tlora(pipe, max_rank=8, mode="lycoris"):
+        calls = record_calls(pipe, pipe.unet, kw)
+    with enable_tlora(pipe, max_rank=8) as handle:
+        outputs = replay(pipe.unet, calls)
+        assert handle.mode == {"unet": "low_memory"}
+    for out, (_, _, ref) in zip(outputs, calls):
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert_bit_identical(pipe.unet, before)
+
+
+def test_auto_uses_low_memory_under_an_offloading_hook():
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    pipe, kw = tiny.sdxl()
+    add_hook_to_module(pipe.unet, ModelHook())
+    with enable_tlora(pipe, max_rank=8) as handle:
+        assert handle.mode == {"unet": "low_memory"}
+    remove_hook_from_module(pipe.unet)
+
+
+def test_fold_follows_weights_moved_after_enabling():
+    """`pipe.to(dtype)` after enable_tlora gives the layers new tensors; the fold must write into those."""
+    pipe, kw = tiny.sdxl()
+    reference_pipe, _ = tiny.sdxl()
+    reference_pipe.to(torch.bfloat16)
+    kw = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    with enable_tlora(reference_pipe, max_rank=8, mode="lycoris"):
+        calls = record_calls(reference_pipe, reference_pipe.unet, kw)
+    expected = snapshot(reference_pipe.unet)
+
+    handle = enable_tlora(pipe, max_rank=8, mode="fold")
+    pipe.to(torch.bfloat16)
+    outputs = replay(pipe.unet, calls)
+    handle.remove()
+    for out, (_, _, ref) in zip(outputs, calls):
+        assert ((out - ref).abs().max() / ref.abs().max()).item() <= TOLERANCE[torch.bfloat16]
+    assert_bit_identical(pipe.unet, expected)
+
+
+def test_first_call_under_inference_mode_then_under_no_grad():
+    """Buffers made inside `torch.inference_mode()` could not be updated outside it."""
+    pipe, kw = tiny.flux()
+    with enable_tlora(pipe, max_rank=8, mode="lycoris"):
+        calls = record_calls(pipe, pipe.transformer, kw)
+    for mode in FAST_MODES:
+        with enable_tlora(pipe, max_rank=8, mode=mode):
+            with torch.inference_mode():
+                replay(pipe.transformer, calls[:2])
+            outputs = replay(pipe.transformer, calls)
+        for out, (_, _, ref) in zip(outputs, calls):
+            assert relative_error(out, ref) <= TOLERANCE[torch.bfloat16]

@@ -1,0 +1,83 @@
+"""The masked T-LoRA delta of one LyCORIS module as two thin factors, and which modules the fast paths take."""
+
+from __future__ import annotations
+
+import torch
+from lycoris.modules.tlora import TLoraModule
+from torch import nn
+
+FLOAT_WEIGHTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def delta_factors(module: TLoraModule, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (2r, in) and B (out, 2r) with B·diag([m, m])·A = LyCORIS's masked ΔW for mask m, multiplier included.
+
+    LyCORIS's ΔW = s·(P·diag(λ⊙m)·Q − P₀·diag(λ₀⊙m)·Q₀) is a difference of two terms as large as the layer's top
+    singular components. Written as (Pλ − P₀λ₀)·diag(m)·Q + P₀λ₀·diag(m)·(Q − Q₀), each term is as small as the
+    delta itself, so rounding A and B to bf16 costs bf16 precision of the delta, not of the base weight.
+    The factors are computed in fp32 and snapshot the module: re-enable after changing its weights or multiplier.
+    """
+    with torch.no_grad():
+        source = module.q_layer.weight.device
+        q = module.q_layer.weight.detach().to(source, torch.float32)
+        p = module.p_layer.weight.detach().to(source, torch.float32)
+        q0 = module.base_q.detach().to(source, torch.float32)
+        p0 = module.base_p.detach().to(source, torch.float32)
+        lam = module.lambda_layer.detach().to(source, torch.float32).reshape(1, -1)
+        lam0 = module.base_lambda.detach().to(source, torch.float32).reshape(1, -1)
+        scale = float(module.scale) * float(module.multiplier)
+        a = torch.cat([q, q - q0], dim=0)
+        b = torch.cat([p * lam - p0 * lam0, p0 * lam0], dim=1) * scale
+        return a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous()
+
+
+def factor_bytes(module: TLoraModule, dtype: torch.dtype) -> int:
+    """Bytes of one module's A and B in `dtype`."""
+    out_features, in_features = module.shape[0], module.shape[1]
+    return 2 * module.lora_dim * (in_features + out_features) * torch.empty((), dtype=dtype).element_size()
+
+
+def takes_fast_path(module: TLoraModule) -> bool:
+    """Linear-like modules whose LyCORIS forward is deterministic: the others stay on LyCORIS's own forward.
+
+    Convolutions keep LyCORIS's forward (its 1x1 factors are applied with the layer's stride and padding, which the
+    fast paths do not reproduce); so do modules with dropout active in training mode.
+    """
+    dropout_active = module.training and (module.module_dropout or not isinstance(module.dropout, nn.Identity))
+    return module.module_type == "linear" and not module.isconv and not dropout_active
+
+
+def base_layer(module: TLoraModule) -> nn.Module:
+    return module.org_module[0]
+
+
+def foldable(module: TLoraModule) -> bool:
+    """Whether the base layer is a plain floating-point `nn.Linear` whose weight can be rewritten in place.
+
+    Quantized or fp8 layers, layers behind PEFT or offloading hooks (accelerate `_hf_hook`, diffusers group offload)
+    and weights on the meta device go to the low-memory path, which never touches the weight.
+    """
+    layer = base_layer(module)
+    weight = getattr(layer, "weight", None)
+    return (
+        takes_fast_path(module)
+        and type(layer) is nn.Linear
+        and module.peft_wrapper is None
+        and type(weight) is nn.Parameter
+        and weight.dtype in FLOAT_WEIGHTS
+        and weight.device.type != "meta"
+        and not has_offload_hook(layer)
+    )
+
+
+# Names of diffusers hooks (`module._diffusers_hook`) that move or recast weights on every call.
+WEIGHT_MOVING_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting")
+
+
+def has_offload_hook(module: nn.Module) -> bool:
+    """Whether accelerate (`_hf_hook`: cpu offload) or a diffusers hook moves or recasts this module's weights per call."""
+    if hasattr(module, "_hf_hook"):
+        return True
+    registry = getattr(module, "_diffusers_hook", None)
+    hooks = getattr(registry, "hooks", {})
+    return any(name in hooks for name in WEIGHT_MOVING_HOOKS)

@@ -1,0 +1,172 @@
+"""Fold path: before each denoiser call, write W = W0 + B·diag([m, m])·A into every targeted weight, then run the
+plain layers.
+
+Same-shaped weights are stacked: each layer's weight becomes a view of one (G, out, in) tensor, so one `baddbmm`
+per shape group refolds them all, a fixed number of kernels per call whatever the number of modules, with no
+Python per module and no host sync. The extra memory is one copy W0 of the folded weights plus the factors.
+`remove()` writes W0 back: the weights come back bit-identical, each in its own storage. On CUDA with bf16/fp16
+weights a fused Triton kernel (`fold_kernel`) halves the bytes the fold moves.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from lycoris.modules.tlora import TLoraModule
+from torch import nn
+
+from ..errors import TLoRAError
+from ..logging_utils import get_logger
+from . import fold_kernel
+from .chain import ChainLink
+from .factors import FLOAT_WEIGHTS, base_layer, delta_factors
+
+logger = get_logger(__name__)
+
+
+class FoldGroup:
+    """Layers whose weights share device, dtype, shape and T-LoRA rank, folded by one batched matmul."""
+
+    def __init__(self, modules: list[TLoraModule]) -> None:
+        self.modules = modules
+        self.layers: list[nn.Module] = [base_layer(module) for module in modules]
+        self.rank = modules[0].lora_dim
+        self.base: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+        with torch.no_grad(), torch.inference_mode(False):
+            self._adopt(torch.stack([layer.weight.detach() for layer in self.layers]))
+
+    def _adopt(self, stacked: torch.Tensor) -> None:
+        """Point every layer's weight at a slice of `stacked` (a fresh stack of the unmodified weights); keep W0.
+
+        Repointing first frees the layers' own tensors before W0 is copied: the peak is one extra group.
+        """
+        self.weights = stacked
+        for layer, weight in zip(self.layers, stacked):
+            layer.weight.data = weight
+        self.base = stacked.clone()
+        factors = [delta_factors(module, stacked.device, stacked.dtype) for module in self.modules]
+        self.a = torch.stack([a for a, _ in factors])
+        self.b = torch.stack([b for _, b in factors])
+        # Masking the thinner factor moves fewer bytes.
+        self.mask_columns_of_b = self.b.shape[1] <= self.a.shape[2]
+        self.fused = fold_kernel.supports(stacked) and fold_kernel.self_check(self.base, self.b, self.a)
+        # The mask last folded, for the fused kernel to skip an unchanged one; NaN: nothing folded yet.
+        self.previous_mask = torch.full((self.b.shape[-1],), float("nan"), device=stacked.device, dtype=stacked.dtype)
+        self._pointers = (stacked[0].data_ptr(), stacked[-1].data_ptr())
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.base, self.a, self.b))
+
+    def fold(self, doubled_mask: torch.Tensor) -> None:
+        """W = W0 + B·diag(doubled_mask)·A for every layer of the group, in place."""
+        if self.fused:
+            fold_kernel.fused_fold(self.base, self.b, self.a, doubled_mask, self.previous_mask, self.weights)
+        elif self.mask_columns_of_b:
+            torch.baddbmm(self.base, self.b * doubled_mask, self.a, out=self.weights)
+        else:
+            torch.baddbmm(self.base, self.b, self.a * doubled_mask[:, None], out=self.weights)
+
+    def follow_moved_weights(self) -> None:
+        """`pipe.to(...)` after enabling gives the layers new tensors: move W0 and the factors after them."""
+        first, last = self.layers[0].weight, self.layers[-1].weight
+        if (first.data_ptr(), last.data_ptr()) == self._pointers:
+            return
+        if first.device.type == "meta" or first.dtype not in FLOAT_WEIGHTS:
+            raise TLoRAError(
+                f"The weights T-LoRA mode 'fold' rewrites were offloaded or quantized after enable_tlora "
+                f"({first.device}, {first.dtype}). Call enable_tlora again after setting up offloading or "
+                "quantization: mode='auto' then picks 'low_memory', which never touches the weights."
+            )
+        logger.warning(
+            "T-LoRA fold: the folded weights moved to %s/%s after enable_tlora; moving their originals after them. "
+            "Enable T-LoRA after pipe.to(...) to avoid this copy.", first.device, first.dtype,
+        )
+        with torch.inference_mode(False):
+            self._adopt(self.base.to(first.device, first.dtype, copy=True))
+
+    def restore(self) -> None:
+        """Give every layer its original weight back, bit for bit, in its own storage (peak: one extra group)."""
+        for layer, original in zip(self.layers, self.base):
+            if layer.weight.device == original.device and layer.weight.dtype == original.dtype:
+                layer.weight.data = original  # drop the view of the folded stack first
+        self.weights = None
+        for layer, original in zip(self.layers, self.base):
+            weight = layer.weight
+            weight.data = original.to(device=weight.device, dtype=weight.dtype, copy=True)
+        self.base = self.a = self.b = None
+
+
+class FoldPath:
+    """Folds the masked delta into the weights once per denoiser call; the layers then run at plain speed."""
+
+    name = "fold"
+
+    def __init__(self, modules: list[TLoraModule], group_id: int) -> None:
+        self.group_id = group_id
+        self.links: list[ChainLink] = []
+        self.groups: list[FoldGroup] = []
+        try:
+            for module in modules:
+                link = ChainLink.unlink(module)
+                if link is None:
+                    raise TLoRAError(f"T-LoRA module {module.lora_name} is not where LyCORIS apply_to() put it.")
+                self.links.append(link)
+            by_key: dict[tuple, list[TLoraModule]] = defaultdict(list)
+            for module in modules:
+                weight = base_layer(module).weight
+                by_key[(weight.device, weight.dtype, tuple(weight.shape), module.lora_dim)].append(module)
+            for members in by_key.values():
+                self.groups.append(FoldGroup(members))
+        except BaseException:
+            self.remove()
+            raise
+        logger.info(
+            "T-LoRA fold: %d layers in %d shape groups (%d by the fused kernel), %.2f GiB extra.",
+            len(modules), len(self.groups), sum(group.fused for group in self.groups), self.extra_memory_bytes / 2**30,
+        )
+
+    @property
+    def modules(self) -> list[TLoraModule]:
+        return [module for group in self.groups for module in group.modules]
+
+    @property
+    def mask_dtype(self) -> torch.dtype:
+        return self.groups[0].dtype if self.groups else torch.float32
+
+    @property
+    def extra_memory_bytes(self) -> int:
+        """One copy of every folded weight, plus the stacked factors."""
+        return sum(group.nbytes for group in self.groups)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        doubled: dict[tuple, torch.Tensor] = {}
+        with torch.no_grad():
+            for group in self.groups:
+                group.follow_moved_weights()
+                key = (group.rank, group.device, group.dtype)
+                if key not in doubled:
+                    active = mask[0, : group.rank].to(group.device, group.dtype)
+                    doubled[key] = torch.cat([active, active])
+                group.fold(doubled[key])
+
+    def clear_mask(self) -> None:
+        """Nothing to do: the next call refolds, and `remove()` restores W0."""
+
+    def remove(self) -> None:
+        with torch.no_grad():
+            for group in self.groups:
+                group.restore()
+        for link in self.links:
+            link.relink()
+        self.groups, self.links = [], []

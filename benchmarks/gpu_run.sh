@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU measurement of this project in one command, for a machine with CUDA torch and no network.
+#   benchmarks/gpu_run.sh bench   # forward step times (SDXL + Flux) and load time (SDXL), ~6 min on an H100/H200
+#   benchmarks/gpu_run.sh tests   # the tests marked gpu (offload, compile, fused fold kernel, loading on CUDA)
+# diffusers and lycoris-lora may come as wheels in .whl/ (see the device notes); results go to $OUT (default gpu_out).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, diffusers, lycoris, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'lycoris', getattr(lycoris, '__version__', '4.1.3'), 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+case "${1:-bench}" in
+    bench)
+        timeout 330 python3 benchmarks/bench_forward.py --model both 2>&1 | grep -v "LyCORIS\]" | tee "$OUT/forward.log"
+        timeout 220 python3 benchmarks/bench_load.py 2>&1 | grep -v "LyCORIS\]" | tee "$OUT/load.log"
+        ;;
+    tests)
+        timeout 420 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
+        ;;
+esac

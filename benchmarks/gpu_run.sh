@@ -22,6 +22,7 @@ case "${1:-bench}" in
         timeout 220 python3 benchmarks/bench_load.py 2>&1 | grep -v "LyCORIS\]" | tee "$OUT/load.log"
         ;;
     tests)
-        timeout 420 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
+        timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_fold_kernel.py 2>&1 | tee "$OUT/gpu_tests.log"
+        timeout 420 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests 2>&1 | tee -a "$OUT/gpu_tests.log"
         ;;
 esac

@@ -211,7 +211,7 @@ def fused_groups(model):
         path = stack.pop()
         stack.extend(getattr(path, "parts", []))
         groups.extend(getattr(path, "groups", []))
-    return (sum(group.fused for group in groups), len(groups)) if groups else None
+    return (sum(group.fused is not None for group in groups), len(groups)) if groups else None
 
 
 def output_differences(model, network, call, timesteps, args, scheduler, dtype):

@@ -81,3 +81,24 @@ def test_fused_fold_skips_an_unchanged_mask_and_refolds_a_new_one(device):
     fold_kernel.fused_fold(base, b, a, six, previous, weights)
     expected = torch.baddbmm(base, b * six, a)
     assert (weights.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()
+
+
+@pytest.mark.parametrize("config", fold_kernel.TILE_CONFIGS)
+def test_every_tile_configuration_matches_baddbmm(device, config):
+    """Enable-time tuning may pick any of these; each must fold exactly what baddbmm folds."""
+    dtype = half_dtypes(device)[0]
+    base, b, a = factors(device, dtype, rank=64)
+    mask = doubled(64, 23, device, dtype)
+    weights = torch.empty_like(base)
+    fold_kernel.fused_fold(base, b, a, mask, torch.full_like(mask, float("nan")), weights, config)
+    expected = torch.baddbmm(base.float(), (b * mask).float(), a.float())
+    assert (weights.float() - expected).abs().max() <= 2 ** -7 * expected.abs().max()
+
+
+def test_tuning_leaves_the_weights_at_w0_and_returns_a_usable_choice(device):
+    dtype = half_dtypes(device)[0]
+    base, b, a = factors(device, dtype)
+    weights = base.clone()
+    choice = fold_kernel.fastest_config(base, b, a, weights)
+    assert torch.equal(weights, base)
+    assert choice is None or choice in (*fold_kernel.TILE_CONFIGS, fold_kernel.INTERPRETER_CONFIG)

@@ -467,6 +467,7 @@ def test_loading_on_cuda_builds_and_rebuilds_there(sdxl_trained):
     modules = applied_tlora_modules(pipe.unet)
     assert all(m.base_q.is_cuda and m.q_layer.weight.is_cuda and m.base_q.dtype == torch.float32 for m in modules)
     latents = torch.randn((1, 4, 4, 4), generator=torch.Generator().manual_seed(1)).cuda()
-    out = pipe(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}, latents=latents,
-               return_dict=False)[0]
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 convolutions, as the CPU reference
+        out = pipe(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}, latents=latents,
+                   return_dict=False)[0]
     torch.testing.assert_close(out.cpu(), reference, atol=1e-4, rtol=1e-4)

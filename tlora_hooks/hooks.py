@@ -112,7 +112,7 @@ class DenoiserHook:
         timestep, max_timestep = self.scheduler_timestep(value)
         rank_by_timestep, mask_by_rank = self._tables_for(timestep.device, max_timestep)
         index = timestep.floor().long().clamp(0, max_timestep)  # int(t), as SimpleTuner's pipelines take it
-        mask = mask_by_rank[rank_by_timestep[index]].unsqueeze(0)
+        mask = _take(mask_by_rank, _take(rank_by_timestep, index))
         return mask.to(device, non_blocking=True)
 
     def scheduler_timestep(self, value: Any) -> tuple[torch.Tensor, int]:
@@ -132,7 +132,7 @@ class DenoiserHook:
             # Snap only what the received dtype's rounding explains (bf16 t/1000): a value from another
             # scheduler (a from_pipe'd pipeline sharing this denoiser) is used as received.
             rounding = distance <= _rounding_tolerance(convention, received)
-            timestep = torch.where(rounding, schedule[nearest], timestep)
+            timestep = torch.where(rounding, _take(schedule, nearest).squeeze(0), timestep)
         return timestep, max_timestep
 
     def _warn_if_out_of_range(self, timesteps: torch.Tensor, max_timestep: int) -> None:
@@ -225,6 +225,12 @@ def _running_call_frame() -> Any:
     while frame is not None and frame.f_code is not _CALL_IMPL_CODE:
         frame = frame.f_back
     return frame
+
+
+def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`table[index]` for a 0-d index tensor, keeping a leading dim of 1; `table[index]` itself would read the
+    index back to the host (a device synchronisation on every call)."""
+    return table.index_select(0, index.reshape(1))
 
 
 def _rounding_eps(dtype: torch.dtype) -> float:

@@ -5,8 +5,10 @@
   quantized, offloaded); extra memory: the thin factors only.
 - `"fold"`: writes W0 + B·diag(m)·A into the weights once per call (one batched matmul per shape group), then the
   layers run at plain speed; extra memory: a copy of the folded weights.
-- `"auto"` (default): fold for the layers where that moves fewer bytes than the bypass, measured on the first call,
-  when the weights are plain float `nn.Linear` on a device with room for the copy; `"low_memory"` otherwise.
+- `"auto"` (default): `"fold"` when the weights are plain float `nn.Linear` with no offloading hook, on a device with
+  room for the copy; `"low_memory"` otherwise. Decided at enable time, so every call, the first included, runs the
+  same path. (A per-layer mix, folding many-token layers and bypassing few-token ones, measured slower on an H200
+  for SDXL's 700 modules: the bypass costs Python per module per call. See benchmarks/RESULTS.md.)
 Modules no fast path reproduces (convolutions, dropout active in training mode) stay on LyCORIS's forward.
 """
 
@@ -26,7 +28,7 @@ from .factors import base_layer, foldable, has_offload_hook, takes_fast_path
 from .fold import FoldPath
 from .low_memory import LowMemoryPath
 from .lycoris import LycorisMaskPath
-from .mixed import AutoPath, MixedPath
+from .mixed import MixedPath
 
 logger = get_logger(__name__)
 
@@ -102,12 +104,10 @@ def _fold(modules, group_id, denoiser=None) -> MaskedForward:
 
 
 def _auto(modules, group_id, denoiser=None) -> MaskedForward:
-    fold, bypass, rest = _split(modules, denoiser)
-    if fold and not _room_to_fold(fold):
-        bypass, fold = fold + bypass, []
-    if not fold:
-        return _low_memory(modules, group_id, denoiser)
-    return AutoPath(LowMemoryPath(fold + bypass, group_id), [_mask_group(modules, rest, group_id)], fold, group_id)
+    fold, _, _ = _split(modules, denoiser)
+    if fold and _room_to_fold(fold):
+        return _fold(modules, group_id, denoiser)
+    return _low_memory(modules, group_id, denoiser)
 
 
 MODES: dict[str, PathFactory] = {

@@ -34,17 +34,11 @@ from unittest import mock
 
 import torch
 
+from published_configs import SDXL_UNET
+
 VARIANTS = ("plain", "lycoris", "lycoris_bypass", "low_memory", "fold", "auto")
 CUDA_VARIANTS = VARIANTS + ("fold_baddbmm",)  # the fold without the fused Triton kernel
 
-SDXL_CONFIG = dict(
-    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], flip_sin_to_cos=True,
-    freq_shift=0, in_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=4,
-    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
-)
 SDXL_REDUCED = dict(
     block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], cross_attention_dim=64,
     transformer_layers_per_block=[1, 1, 1], addition_time_embed_dim=8, projection_class_embeddings_input_dim=64 + 48,
@@ -87,7 +81,7 @@ def cheap_tlora_init():
 def build_sdxl(device, dtype, reduced, resolution):
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
-    config = {**SDXL_CONFIG, **(SDXL_REDUCED if reduced else {})}
+    config = {**SDXL_UNET, **(SDXL_REDUCED if reduced else {})}
     with torch.device(device):
         model = UNet2DConditionModel(**config).to(dtype)
     latent = 8 if reduced else resolution // 8

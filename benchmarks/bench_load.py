@@ -33,18 +33,11 @@ from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask  # noqa
 from safetensors.torch import save_file  # noqa: E402
 
 from tlora_hooks import load_tlora, unload_tlora  # noqa: E402
+from published_configs import SDXL_UNET  # noqa: E402
 from tlora_hooks import rebuild  # noqa: E402
 from tlora_hooks.discovery import applied_tlora_modules  # noqa: E402
 from tlora_hooks.schedule import masks_by_rank  # noqa: E402
 
-SDXL_UNET = dict(
-    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], flip_sin_to_cos=True,
-    freq_shift=0, in_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=4,
-    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
-)
 SIZES = {
     "sdxl": {},
     # SDXL's layout at a fifth of its width and fewer transformer layers: 170 T-LoRA modules, 128/256 wide.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
 from tlora_hooks import disable_tlora, enable_tlora
@@ -174,7 +177,9 @@ def test_extra_memory_is_reported():
     assert fold.extra_memory_bytes == weight_bytes + factor_bytes
     low = enable_tlora(pipe, max_rank=8, mode="low_memory")
     pipe(**kw)  # the bypass builds its factors on the first call
-    assert low.extra_memory_bytes == factor_bytes
+    # plus the unmasked copy of the thinner factor (2r values per row of the narrower side), masked per call
+    masked_copy_bytes = sum(2 * m.lora_dim * min(m.shape[0], m.shape[1]) * 4 for m in modules)
+    assert low.extra_memory_bytes == factor_bytes + masked_copy_bytes
     assert fold.extra_memory_bytes == 0, "replaced handles report nothing"
     low.remove()
 
@@ -227,20 +232,26 @@ def test_auto_uses_low_memory_under_an_offloading_hook():
     remove_hook_from_module(pipe.unet)
 
 
-def test_fold_follows_weights_moved_after_enabling():
-    """`pipe.to(dtype)` after enable_tlora gives the layers new tensors; the fold must write into those."""
-    pipe, kw = tiny.sdxl()
+@pytest.mark.parametrize("mode", ["fold", "low_memory"])
+def test_fast_paths_follow_weights_moved_after_enabling(mode, caplog):
+    """`pipe.to(dtype)` after enable_tlora gives the layers new tensors (fold must write into those) in a new dtype
+    (the bypass must compute in it)."""
+    pipe, fp32_kw = tiny.sdxl()
     reference_pipe, _ = tiny.sdxl()
     reference_pipe.to(torch.bfloat16)
-    kw = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    kw = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in fp32_kw.items()}
     with enable_tlora(reference_pipe, max_rank=8, mode="lycoris"):
         calls = record_calls(reference_pipe, reference_pipe.unet, kw)
     expected = snapshot(reference_pipe.unet)
 
-    handle = enable_tlora(pipe, max_rank=8, mode="fold")
+    handle = enable_tlora(pipe, max_rank=8, mode=mode)
+    pipe(**fp32_kw)  # the paths are built in fp32
     pipe.to(torch.bfloat16)
-    outputs = replay(pipe.unet, calls)
+    with caplog.at_level("WARNING", logger="tlora_hooks"):
+        outputs = replay(pipe.unet, calls)
     handle.remove()
+    assert "after enable_tlora" in caplog.text
+    assert "converting them on every" not in caplog.text, "the bypass must rebuild its factors, not convert per call"
     for out, (_, _, ref) in zip(outputs, calls):
         assert ((out - ref).abs().max() / ref.abs().max()).item() <= TOLERANCE[torch.bfloat16]
     assert_bit_identical(pipe.unet, expected)
@@ -258,3 +269,68 @@ def test_first_call_under_inference_mode_then_under_no_grad():
             outputs = replay(pipe.transformer, calls)
         for out, (_, _, ref) in zip(outputs, calls):
             assert relative_error(out, ref) <= TOLERANCE[torch.bfloat16]
+
+
+class KernelOps(TorchDispatchMode):
+    """Counts the operators a piece of code dispatches, views left out (they launch no kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket is not torch.ops.aten._unsafe_view:
+            self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_low_memory_layer_runs_its_own_ops_plus_two_matmuls_and_no_lycoris_forward(monkeypatch):
+    """The bypass is called by the layer itself: no LyCORIS frame, no per-layer mask multiply (the group's factor is
+    masked once per call); outside a denoiser call it gives LyCORIS's unmasked output."""
+    from lycoris.modules.tlora import TLoraModule
+
+    pipe, kw = tiny.sdxl()
+    modules = applied_tlora_modules(pipe.unet)
+    module = modules[0]
+    layer = module.org_module[0]
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmasked = layer(x)  # LyCORIS's forward, no mask set: every rank
+        with KernelOps() as plain:
+            module.org_forward(x)
+        lycoris_calls = []
+        original_forward = TLoraModule.forward
+        monkeypatch.setattr(
+            TLoraModule, "forward", lambda self, *a, **k: lycoris_calls.append(self) or original_forward(self, *a, **k)
+        )
+        with enable_tlora(pipe, max_rank=8, mode="low_memory"):
+            pipe(**kw)
+            assert lycoris_calls == []
+            with KernelOps() as bypassed:
+                out = layer(x)
+    assert bypassed.ops - plain.ops == Counter({"aten.mm": 1, "aten.addmm_": 1})
+    assert plain.ops - bypassed.ops == Counter()
+    torch.testing.assert_close(out, unmasked, atol=2e-6, rtol=2e-5)
+    forward = layer.__dict__["forward"]
+    assert forward.__self__ is module and forward.__func__ is original_forward, "LyCORIS is back in the layer's forward"
+
+
+def test_low_memory_behind_per_layer_hooks_goes_through_lycoris_bypass_branch():
+    """Where a hook wraps the layer's forward (sequential offload does), the bypass runs from LyCORIS's forward."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    pipe, kw = tiny.sdxl()
+    unet = pipe.unet
+    with enable_tlora(pipe, max_rank=8, mode="lycoris"):
+        calls = record_calls(pipe, unet, kw)
+    layers = [module.org_module[0] for module in applied_tlora_modules(unet)]
+    for layer in layers:
+        add_hook_to_module(layer, ModelHook())
+    with enable_tlora(pipe, max_rank=8, mode="low_memory"):
+        assert all(module.bypass_mode for module in applied_tlora_modules(unet))
+        outputs = replay(unet, calls)
+    for layer in layers:
+        remove_hook_from_module(layer)
+    for out, (_, _, ref) in zip(outputs, calls):
+        assert relative_error(out, ref) <= TOLERANCE[torch.float32]
+    assert not any(module.bypass_mode for module in applied_tlora_modules(unet))

@@ -1,152 +1,186 @@
-"""Low-memory path: y = layer(x) + ((x·Aᵀ) ⊙ [m, m])·Bᵀ, with the base layer untouched.
+"""Low-memory path: y = layer(x) + (x·A_m ᵀ)·B_mᵀ, with the base layer untouched.
 
 It never reads or writes the base weight, so it works for fp8 or quantized layers and for weights that offloading
-hooks move, and keeps no copy of any weight: only the thin factors A, B (2r·(in + out) values per module, in the
-activations' dtype, on the activations' device) are extra.
+hooks move, and keeps no copy of any weight. Same-shaped modules share stacked factors A (G, 2r, in) and
+B (G, out, 2r); the thinner of the two is masked once per call for the whole group (one kernel), so a layer runs
+two extra matmuls and nothing else. Where LyCORIS put the module in the layer's forward chain, the layer calls the
+bypass directly, without LyCORIS's forward in between.
+Extra memory: the factors (2r·(in + out) values per module) plus the masked copy of the thinner one
+(2r·min(in, out)), in the activations' dtype, on the activations' device.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from lycoris.modules.tlora import TLoraModule
 
-from .chain import BypassOverride
-from .factors import base_layer, delta_factors
+from ..logging_utils import get_logger
+from .chain import BypassOverride, ChainLink
+from .factors import FLOAT_WEIGHTS, base_layer, delta_factors
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class RankMasks:
-    """The doubled mask [m[:r], m[:r]] of each module rank r, in persistent buffers updated in place.
-
-    Stable tensors keep `torch.compile` from treating each call's mask as a new input; all ones while no mask is
-    set, as LyCORIS's `_get_mask` defaults when called outside a denoiser call.
-    """
-
-    def __init__(self, ranks: set[int], dtype: torch.dtype) -> None:
-        self.ranks = sorted(ranks)
-        self.dtype = dtype
-        self.buffers: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._device: torch.device | None = None
-
-    def set(self, mask: torch.Tensor) -> None:
-        self._device = mask.device
-        for rank in self.ranks:
-            self.buffer(rank, mask.device).view(2, rank).copy_(mask[:, :rank].expand(2, rank))
-
-    def clear(self) -> None:
-        for buffer in self.buffers.values():
-            buffer.fill_(1)
-
-    def buffer(self, rank: int, device: torch.device) -> torch.Tensor:
-        key = (rank, device)
-        if key not in self.buffers:
-            with torch.inference_mode(False):  # a normal tensor: later calls may run outside inference mode
-                self.buffers[key] = torch.ones(2 * rank, device=device, dtype=self.dtype)
-        return self.buffers[key]
-
-    def for_input(self, rank: int, x: torch.Tensor) -> torch.Tensor:
-        return self.buffer(rank, self._device or x.device).to(x.device, x.dtype)
+logger = get_logger(__name__)
 
 
-class BypassDelta:
-    """What LyCORIS's forward calls for one module: the layer's own output plus the masked low-rank delta."""
+class BypassLayer:
+    """One layer's forward: its own output plus the masked low-rank delta, from views into its group's factors."""
 
-    def __init__(self, module: TLoraModule, masks: RankMasks) -> None:
-        self.module = module
-        self.masks = masks
-        self.rank = module.lora_dim
+    __slots__ = ("org_forward", "a", "b", "group")
+
+    def __init__(self, module: TLoraModule, group: "BypassGroup") -> None:
+        self.org_forward = module.org_forward
+        self.group = group
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        y = self.module.org_forward(x)
-        a, b = self.factors_for(x)
+        """`scale` (LyCORIS's multiplier, passed by its bypass branch) is already in the factors."""
+        y = self.org_forward(x)
+        a, b = self.a, self.b
+        if a is None or a.dtype != x.dtype or a.device != x.device:
+            a, b = self.group.factors_for(self, x)
         h = F.linear(x, a)
-        h.mul_(self.masks.for_input(self.rank, x))
-        if y.dtype == h.dtype and y.is_contiguous() and h.is_contiguous():
+        if y.dtype == h.dtype and y.is_contiguous():
             y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t())
             return y
         return y + F.linear(h, b).to(y.dtype)
 
-    def factors_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B on the input's device and in its dtype (rebuilt only if those differ from the first call's)."""
-        a = self.a
-        if a is None or a.device != x.device or a.dtype != x.dtype:
-            self.build(x.device, x.dtype)
-        return self.a, self.b
 
-    def build(self, device: torch.device, dtype: torch.dtype) -> None:
-        with torch.inference_mode(False):  # usable by later calls outside inference mode, with autograd on
-            self.a, self.b = delta_factors(self.module, device, dtype)
+class BypassGroup:
+    """Modules of one rank, shape and dtype: stacked factors, the thinner side masked in place once per call.
+
+    Built on the first call's device (the activations'), in the layers' compute dtype, before the denoiser runs,
+    so a compiled denoiser traces one state. Outside a call the masked side holds the unmasked factor: all ranks,
+    as LyCORIS's forward with no mask set.
+    """
+
+    def __init__(self, modules: list[TLoraModule], dtype: torch.dtype) -> None:
+        self.modules = modules
+        self.rank = modules[0].lora_dim
+        self.dtype = dtype
+        self.layers = [BypassLayer(module, self) for module in modules]
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+        self.source: torch.Tensor | None = None  # the unmasked thinner factor
+        self.masked: torch.Tensor | None = None  # its masked copy, which the layers read (a view of a or b)
+        self.warned_conversion = False
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.source) if t is not None)
+
+    def follow(self, device: torch.device) -> None:
+        """Build on the first call's device; rebuild where the inputs or the layers' dtype changed since
+        (`pipe.to(...)` after enable_tlora)."""
+        dtype = layer_dtype(self.modules[0]) or self.dtype
+        if self.a is not None and (self.a.device, self.a.dtype) == (device, dtype):
+            return
+        if self.a is not None:
+            logger.warning(
+                "T-LoRA low_memory: the inputs moved to %s/%s after enable_tlora; rebuilding the factors there. "
+                "Enable T-LoRA after pipe.to(...) to avoid this.", device, dtype,
+            )
+        self.dtype = dtype
+        self.build(device)
+
+    def build(self, device: torch.device) -> None:
+        with torch.no_grad(), torch.inference_mode(False):  # usable by later calls outside inference mode
+            factors = [delta_factors(module, device, self.dtype) for module in self.modules]
+            self.a = torch.stack([a for a, _ in factors])
+            self.b = torch.stack([b for _, b in factors])
+            mask_b = self.b.shape[1] <= self.a.shape[2]  # out <= in: B is thinner
+            self.masked = self.b if mask_b else self.a
+            self.source = self.masked.clone()
+            self._mask_shape = (1, 1, -1) if mask_b else (1, -1, 1)
+        for layer, a, b in zip(self.layers, self.a, self.b):
+            layer.a, layer.b = a, b
+
+    def set_mask(self, doubled_mask: torch.Tensor) -> None:
+        torch.mul(self.source, doubled_mask.view(self._mask_shape), out=self.masked)
+
+    def clear_mask(self) -> None:
+        self.masked.copy_(self.source)
+
+    def factors_for(self, layer: BypassLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's current factors for an input on another device or in another dtype than the group's (a call
+        outside the denoiser's, autocast, a layer placed on another device): converted per call, slower but exact."""
+        if self.a is None:
+            self.build(x.device)
+        if not self.warned_conversion and (x.device, x.dtype) != (self.a.device, self.a.dtype):
+            self.warned_conversion = True
+            logger.warning(
+                "T-LoRA low_memory: a layer received %s/%s inputs, its factors are %s/%s; converting them on every "
+                "such call (slower). Run the denoiser in its weights' dtype on one device for the fast path.",
+                x.device, x.dtype, self.a.device, self.a.dtype,
+            )
+        return layer.a.to(x.device, x.dtype), layer.b.to(x.device, x.dtype)
 
 
 class LowMemoryPath:
-    """Runs each module's delta beside its untouched base layer, through LyCORIS's own forward."""
+    """Runs each module's delta beside its untouched base layer."""
 
     name = "low_memory"
 
     def __init__(self, modules: list[TLoraModule], group_id: int) -> None:
         self.group_id = group_id
-        self.masks = RankMasks({module.lora_dim for module in modules}, compute_dtype(modules))
-        self.deltas: dict[TLoraModule, BypassDelta] = {}
-        self.overrides: dict[TLoraModule, BypassOverride] = {}
-        self._unbuilt: list[BypassDelta] = []
-        self.adopt(modules)
+        self.mask_dtype = compute_dtype(modules)
+        by_key: dict[tuple, list[TLoraModule]] = defaultdict(list)
+        for module in modules:
+            by_key[(module.lora_dim, module.shape[0], module.shape[1], layer_dtype(module))].append(module)
+        self.groups = [BypassGroup(members, dtype or self.mask_dtype) for (*_, dtype), members in by_key.items()]
+        self.links: list[ChainLink | BypassOverride] = []
+        for group in self.groups:
+            for module, layer in zip(group.modules, group.layers):
+                # Called directly by the layer where LyCORIS put the module; else through LyCORIS's bypass branch.
+                self.links.append(ChainLink.unlink(module, replacement=layer) or BypassOverride(module, layer))
 
     @property
     def modules(self) -> list[TLoraModule]:
-        return list(self.deltas)
-
-    @property
-    def mask_dtype(self) -> torch.dtype:
-        return self.masks.dtype
+        return [module for group in self.groups for module in group.modules]
 
     @property
     def extra_memory_bytes(self) -> int:
-        """The factors built so far (they are built on the first call that reaches each module)."""
-        return sum(delta.nbytes for delta in self.deltas.values())
+        """The factors built so far (on the first call)."""
+        return sum(group.nbytes for group in self.groups)
 
     def set_mask(self, mask: torch.Tensor) -> None:
+        doubled: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            self.masks.set(mask)
-            # Built here, before the call, so a compiled denoiser traces one state (a build inside would recompile).
-            while self._unbuilt:
-                self._unbuilt.pop().build(mask.device, self.mask_dtype)
+            for group in self.groups:
+                group.follow(mask.device)
+                if group.rank not in doubled:
+                    doubled[group.rank] = mask[0, : group.rank].repeat(2)
+                group.set_mask(doubled[group.rank])
 
     def clear_mask(self) -> None:
         with torch.no_grad():
-            self.masks.clear()
-
-    def adopt(self, modules: list[TLoraModule]) -> None:
-        """Route `modules` (of ranks this path was built for) through the bypass."""
-        for module in modules:
-            self.deltas[module] = BypassDelta(module, self.masks)
-            self.overrides[module] = BypassOverride(module, self.deltas[module])
-            self._unbuilt.append(self.deltas[module])
-
-    def release(self, modules: list[TLoraModule]) -> None:
-        """Hand `modules` back to LyCORIS's forward (another path takes them over)."""
-        for module in modules:
-            self.overrides.pop(module).restore()
-            delta = self.deltas.pop(module)
-            if delta in self._unbuilt:
-                self._unbuilt.remove(delta)
+            for group in self.groups:
+                if group.masked is not None:
+                    group.clear_mask()
 
     def remove(self) -> None:
-        self.release(self.modules)
-        self.masks.buffers.clear()
+        while self.links:
+            self.links.pop().relink()
+        self.groups = []
+
+
+def layer_dtype(module: TLoraModule) -> torch.dtype | None:
+    """The dtype the module's base layer computes in: its weight's floating dtype, else the compute dtype of the
+    hook or quantized layer that upcasts it (diffusers layerwise casting, bitsandbytes); None where none says."""
+    layer = base_layer(module)
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_WEIGHTS:
+        return weight.dtype
+    hooks = getattr(getattr(layer, "_diffusers_hook", None), "hooks", {})
+    for owner in (hooks.get("layerwise_casting"), layer):
+        dtype = getattr(owner, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return None
 
 
 def compute_dtype(modules: list[TLoraModule]) -> torch.dtype:
-    """The dtype the layers compute in: their weights' floating dtype (bf16 when none is, e.g. all fp8)."""
-    for module in modules:
-        weight = getattr(base_layer(module), "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_DTYPES:
-            return weight.dtype
-    return torch.bfloat16
+    """The dtype the layers compute in (bf16 where no layer says)."""
+    return next((dtype for dtype in map(layer_dtype, modules) if dtype is not None), torch.bfloat16)

@@ -197,6 +197,7 @@ def time_variant(name, model, network, call, timesteps, args, scheduler, device,
 def fused_groups(model):
     """(groups folded by the fused Triton kernel, all fold groups) of the path enabled on `model`, or None."""
     from tlora_hooks.hooks import installed_hook
+    from tlora_hooks.modes.fold import FoldGroup
 
     hook = installed_hook(model)
     stack = [hook.path] if hook is not None else []
@@ -204,7 +205,7 @@ def fused_groups(model):
     while stack:
         path = stack.pop()
         stack.extend(getattr(path, "parts", []))
-        groups.extend(getattr(path, "groups", []))
+        groups.extend(group for group in getattr(path, "groups", []) if isinstance(group, FoldGroup))
     return (sum(group.fused is not None for group in groups), len(groups)) if groups else None
 
 

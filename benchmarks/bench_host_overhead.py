@@ -1,0 +1,102 @@
+"""Host (Python + dispatch) cost per T-LoRA layer call of every mode, side by side in one process.
+
+    python benchmarks/bench_host_overhead.py          # CUDA: full SDXL UNet layers; CPU: the reduced UNet's
+
+On an eager GPU run every layer call costs host time to launch its kernels; SDXL has 700 T-LoRA layers per call,
+so microseconds per layer decide whether the GPU waits for the host. Each targeted layer is called with a one-token
+input, so the kernels are negligible and the time is the host's: Python frames, dispatch, launches (on CUDA without
+synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_mask` + `clear_mask`).
+Variants as in bench_forward.py; interleaved repetitions, medians. Prints a table and a `RESULT {json}` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from bench_forward import _version, add_tlora, build_sdxl, synchronize, variant
+
+VARIANTS = ("plain", "lycoris", "lycoris_bypass", "low_memory", "fold")
+
+
+def time_layers(layers, inputs, device, loops):
+    """Seconds per layer call, over `loops` passes through every layer."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(loops):
+        for layer, x in zip(layers, inputs):
+            layer(x)
+    seconds = time.perf_counter() - start
+    synchronize(device)
+    return seconds / (loops * len(layers))
+
+
+def time_mask_update(model, mask, device, loops):
+    """Seconds per `set_mask` + `clear_mask` of the whole denoiser (what the path adds per denoiser call)."""
+    from tlora_hooks.hooks import installed_hook
+
+    path = installed_hook(model).path
+    mask = mask.to(path.mask_dtype)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(loops):
+        path.set_mask(mask)
+        path.clear_mask()
+    synchronize(device)
+    return (time.perf_counter() - start) / loops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--loops", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=64)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, call, scheduler, targets, _ = build_sdxl(device, dtype, device != "cuda", 1024)
+    model.eval().requires_grad_(False)
+    network = add_tlora(model, targets, args.rank, device)
+    layers = [module.org_module[0] for module in network.loras]
+    inputs = [torch.randn(1, 1, layer.in_features, device=device, dtype=dtype) for layer in layers]
+    mask = torch.ones(1, args.rank, device=device, dtype=dtype)
+    mask[:, args.rank // 2:] = 0
+    samples = {name: [] for name in VARIANTS}
+    updates = {name: [] for name in VARIANTS}
+    for repetition in range(args.reps + 1):  # the first round is untimed
+        order = VARIANTS[repetition % len(VARIANTS):] + VARIANTS[: repetition % len(VARIANTS)]
+        for name in order:
+            with variant(name, model, network, args.rank, scheduler, dtype) as handle, torch.inference_mode():
+                call(scheduler.timesteps[0].to(device))  # builds each path's state, as a first denoiser call does
+                seconds = time_layers(layers, inputs, device, args.loops)
+                update = time_mask_update(model, mask, device, args.loops) if handle is not None else None
+            if repetition:
+                samples[name].append(seconds)
+                if update is not None:
+                    updates[name].append(update)
+    per_layer = {name: statistics.median(values) for name, values in samples.items()}
+    result = dict(
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        dtype=str(dtype).replace("torch.", ""), tlora_layers=len(layers), reps=args.reps, loops=args.loops,
+        torch=torch.__version__, diffusers=_version("diffusers"), lycoris=_version("lycoris-lora"),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        us_per_layer_call={name: round(value * 1e6, 2) for name, value in per_layer.items()},
+        us_over_plain_per_layer={name: round((value - per_layer["plain"]) * 1e6, 2) for name, value in per_layer.items()},
+        ms_per_denoiser_call_all_layers={name: round(value * len(layers) * 1e3, 3) for name, value in per_layer.items()},
+        us_mask_update_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in updates.items() if v},
+    )
+    print(f"{'variant':16}{'us/layer call':>15}{'over plain':>12}{'ms per call, all layers':>26}")
+    for name in VARIANTS:
+        print(f"{name:16}{per_layer[name] * 1e6:15.2f}{(per_layer[name] - per_layer['plain']) * 1e6:12.2f}"
+              f"{per_layer[name] * len(layers) * 1e3:26.3f}")
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

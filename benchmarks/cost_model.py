@@ -1,0 +1,67 @@
+"""What each path adds to a denoiser call, counted (not timed) on the meta device: FLOPs, kernels, bytes.
+
+    python benchmarks/cost_model.py          # SDXL 1024² batch 2 and Flux 4+8 blocks 1024², bf16, rank 64
+
+Runs the published-config denoisers on meta tensors (no memory, no weights) under torch's FLOP counter and counts the
+kernel-launching operators of one plain call; the T-LoRA layers and their token counts come from the same LyCORIS
+network the benchmarks use. Floors, not timings: the bypass adds 2·tokens·2r·(in + out) FLOPs and two kernels per
+layer; the fold reads W0 and writes W once per call (2 × the targeted weights' bytes) plus the thin matmul's FLOPs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench_forward import add_tlora, build_flux, build_sdxl
+
+
+class KernelCount(TorchDispatchMode):
+    """Operators that launch a kernel (views do not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket is not torch.ops.aten._unsafe_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def cost(kind: str, rank: int = 64) -> dict:
+    dtype = torch.bfloat16
+    build = build_sdxl if kind == "sdxl" else build_flux
+    model, call, scheduler, targets, shape = build("meta", dtype, False, 1024)
+    network = add_tlora(model, targets, rank, "meta")
+    layers: list[nn.Linear] = [module.org_module[0] for module in network.loras]
+    network.restore()
+    tokens: dict[nn.Module, int] = {}
+    handles = [
+        layer.register_forward_hook(lambda m, a, o: tokens.__setitem__(m, a[0].numel() // m.in_features))
+        for layer in layers
+    ]
+    with torch.no_grad(), FlopCounterMode(display=False) as flops, KernelCount() as kernels:
+        call(torch.tensor(500.0, device="meta"))
+    for handle in handles:
+        handle.remove()
+    total = flops.get_total_flops()
+    weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    bypass = sum(2 * tokens[layer] * 2 * rank * (layer.in_features + layer.out_features) for layer in layers)
+    fold = sum(2 * 2 * rank * layer.in_features * layer.out_features for layer in layers)
+    return dict(
+        model=kind, shape=shape, tlora_layers=len(layers), plain_gflop=round(total / 1e9),
+        targeted_linear_share=round(sum(2 * tokens[l] * l.in_features * l.out_features for l in layers) / total, 3),
+        plain_kernels=kernels.count,
+        bypass_extra_flop_share=round(bypass / total, 4), bypass_extra_kernels=2 * len(layers),
+        fold_gib_moved_per_call=round(2 * weight_bytes / 2**30, 2), fold_extra_flop_share=round(fold / total, 4),
+    )
+
+
+if __name__ == "__main__":
+    for kind in ("sdxl", "flux"):
+        print("RESULT " + json.dumps(cost(kind)))

@@ -1,0 +1,50 @@
+"""The benchmark scripts run (at their smallest size) and their built-in checks hold: a broken benchmark is found
+here, not on the one GPU run a session gets."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """Runs a benchmark script in this process (its imports are already loaded) and returns its `RESULT {json}` lines."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU sizes, on any machine
+
+    def run_script(script: str, *args: str) -> list[dict]:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        runpy.run_path(os.path.join(BENCHMARKS, script), run_name="__main__")
+        out = capsys.readouterr().out
+        return [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
+
+    return run_script
+
+
+def test_bench_forward_runs_every_variant_and_each_mode_matches_lycoris(run):
+    (result,) = run("bench_forward.py", "--model", "flux", "--steps", "1", "--reps", "1")
+    assert set(result["variants"]) == {"plain", "lycoris", "lycoris_bypass", "low_memory", "fold", "auto"}
+    assert all(v["s_per_step"] > 0 for v in result["variants"].values())
+    assert result["variants"]["low_memory"]["resolved_mode"] == "low_memory"
+    differences = {name: v["rel_diff_vs_lycoris"] for name, v in result["variants"].items()}
+    assert all(differences[name] <= 2e-5 for name in ("low_memory", "fold", "auto")), differences  # fp32 on CPU
+
+
+def test_bench_host_overhead_times_every_variant(run):
+    (result,) = run("bench_host_overhead.py", "--reps", "1", "--loops", "1")
+    assert set(result["us_per_layer_call"]) == {"plain", "lycoris", "lycoris_bypass", "low_memory", "fold"}
+    assert set(result["us_mask_update_per_call"]) == {"lycoris", "lycoris_bypass", "low_memory", "fold"}
+
+
+def test_cost_model_counts_each_layer_once(run):
+    sdxl, flux = run("cost_model.py")
+    assert sdxl["tlora_layers"] == 700, "SDXL's Attention + FeedForward linears, as the issue's anchor counts them"
+    assert 0 < sdxl["bypass_extra_flop_share"] < 1 and 0 < flux["fold_extra_flop_share"] < 1

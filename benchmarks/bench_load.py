@@ -159,6 +159,21 @@ def decomposition_timings(layers: dict, rank: int, device: str, batch: int = 2) 
     return result
 
 
+def rebuild_worker_timings(modules: list, device: str, reps: int) -> dict:
+    """Seconds of the whole base rebuild, one batch at a time vs `CUDA_WORKERS` concurrent batches (on CUDA each on
+    its own stream), interleaved, medians."""
+    counts = (1, rebuild.CUDA_WORKERS)
+    samples: dict[int, list[float]] = {workers: [] for workers in counts}
+    for repetition in range(reps):
+        for workers in counts if repetition % 2 == 0 else reversed(counts):
+            sync(device)
+            start = time.perf_counter()
+            rebuild.rebuild_base_terms(modules, progress=False, workers=workers)
+            sync(device)
+            samples[workers].append(time.perf_counter() - start)
+    return {f"workers_{workers}": round(statistics.median(values), 3) for workers, values in samples.items()}
+
+
 def environment(device: str) -> dict:
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -202,6 +217,8 @@ def main() -> None:
             subset_path = os.path.join(folder, "subset.safetensors")
             save_file(subset_sd, subset_path, {"lycoris_config": json.dumps({"tlora_min_rank": 1, "tlora_alpha": 1.0})})
         result["load_tlora_cold_s"] = round(time_load_tlora(unet, path, device), 3)
+        result["rebuild_s"] = rebuild_worker_timings(applied_tlora_modules(unet), device, reps)
+        print(json.dumps({"rebuild_s": result["rebuild_s"]}), flush=True)
         unload_tlora(unet)
         print(json.dumps({"load_tlora_cold_s": result["load_tlora_cold_s"]}), flush=True)
         ours, theirs, theirs_no_gc, ours_subset = [], [], [], []

@@ -8,6 +8,9 @@ forward, so the sign each decomposition picks for a singular pair does not matte
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Callable, Iterable
 
 import torch
@@ -20,8 +23,12 @@ logger = get_logger(__name__)
 
 # LyCORIS's value for the singular values of padding ranks (r > min(out, in)); their vectors are zero.
 PADDING_SINGULAR_VALUE = 1e-6
-# Working memory per batch of same-shaped weights.
+# Working memory per batch of same-shaped weights (shared by the concurrent batches).
 CHUNK_BYTES = 1 << 30
+# Batches decomposed at once on a CUDA device, each from its own host thread on its own stream: cuSOLVER's dense
+# eigensolver works through one mid-size matrix at a time with host round trips, leaving the GPU mostly idle.
+# On the CPU, LAPACK already uses every core: one batch at a time.
+CUDA_WORKERS = 4
 
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -73,35 +80,85 @@ def principal_base_terms(weights: torch.Tensor, rank: int, method: str | None = 
 
 @torch.no_grad()
 def rebuild_base_terms(
-    modules: Iterable[TLoraModule], *, method: str | None = None, progress: bool | None = None
+    modules: Iterable[TLoraModule],
+    *,
+    method: str | None = None,
+    progress: bool | None = None,
+    workers: int | None = None,
 ) -> None:
     """Fill `base_q`, `base_p`, `base_lambda` of LyCORIS T-LoRA modules from their wrapped layers' current weights.
 
-    `method` names a `DECOMPOSITIONS` entry (default `DEFAULT_DECOMPOSITION`); `progress` None shows a bar on a TTY.
+    `method` names a `DECOMPOSITIONS` entry (default `DEFAULT_DECOMPOSITION`); `progress` None shows a bar on a TTY;
+    `workers` batches run at once (default `CUDA_WORKERS` on CUDA, 1 elsewhere; the results do not depend on it).
     """
     method = method or DEFAULT_DECOMPOSITION
     groups: dict[tuple, list[TLoraModule]] = {}
     for module in modules:
         weight = module.org_module[0].weight
         groups.setdefault((tuple(weight.shape), weight.device, weight.dtype, module.lora_dim), []).append(module)
+    on_cuda = any(device.type == "cuda" for _, device, _, _ in groups)
+    workers = workers or (CUDA_WORKERS if on_cuda else 1)
+    batches = []
+    for (shape, _, _, rank), group in groups.items():
+        chunk = max(1, CHUNK_BYTES // workers // _working_bytes(shape))
+        batches += [(group[start : start + chunk], rank) for start in range(0, len(group), chunk)]
     total = sum(len(group) for group in groups.values())
     disable = None if progress is None else not progress
     with tqdm(total=total, desc="T-LoRA base rebuild", unit="module", disable=disable) as bar:
-        for (shape, _, _, rank), group in groups.items():
-            out_dim = shape[0]
-            flat_in = 1
-            for size in shape[1:]:
-                flat_in *= size
-            per_matrix = 8 * (3 * out_dim * flat_in + 2 * min(out_dim, flat_in) ** 2)
-            chunk = max(1, CHUNK_BYTES // per_matrix)
-            for start in range(0, len(group), chunk):
-                part = group[start : start + chunk]
-                weights = torch.stack([m.org_module[0].weight.detach().reshape(out_dim, flat_in) for m in part])
-                base_q, base_p, base_lambda = principal_base_terms(weights, rank, method)
-                for index, module in enumerate(part):
-                    _assign(module, base_q[index], base_p[index], base_lambda[index])
-                bar.update(len(part))
+
+        def rebuild(batch: tuple[list[TLoraModule], int]) -> None:
+            _rebuild_batch(*batch, method)
+            bar.update(len(batch[0]))
+
+        if workers == 1:
+            for batch in batches:
+                rebuild(batch)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="tlora-rebuild") as pool:
+                list(pool.map(_on_own_stream(rebuild), batches))
     logger.info("Rebuilt the T-LoRA base terms of %d modules in %d shape groups (%s)", total, len(groups), method)
+
+
+def _working_bytes(shape: tuple[int, ...]) -> int:
+    """fp64 working memory of one matrix: the weight, its vectors and the Gram matrix."""
+    out_dim, flat_in = shape[0], 1
+    for size in shape[1:]:
+        flat_in *= size
+    return 8 * (3 * out_dim * flat_in + 2 * min(out_dim, flat_in) ** 2)
+
+
+def _rebuild_batch(part: list[TLoraModule], rank: int, method: str) -> None:
+    out_dim = part[0].org_module[0].weight.shape[0]
+    weights = torch.stack([m.org_module[0].weight.detach().reshape(out_dim, -1) for m in part])
+    base_q, base_p, base_lambda = principal_base_terms(weights, rank, method)
+    for index, module in enumerate(part):
+        _assign(module, base_q[index], base_p[index], base_lambda[index])
+
+
+def _on_own_stream(work: Callable) -> Callable:
+    """`work` for worker threads: on the thread's own CUDA stream of the batch's device (ordered after the caller's
+    stream, and the caller's stream after it), or as is on the CPU, with the caller's grad and inference modes."""
+    inference = torch.is_inference_mode_enabled()
+    caller = {}
+    if torch.cuda.is_available():
+        caller = {index: torch.cuda.current_stream(index) for index in range(torch.cuda.device_count())}
+    streams = threading.local()
+
+    def run(batch: tuple[list[TLoraModule], int]) -> None:
+        device = batch[0][0].org_module[0].weight.device
+        stream = None
+        if device.type == "cuda":
+            own = streams.__dict__.setdefault("by_device", {})
+            if device.index not in own:
+                own[device.index] = torch.cuda.Stream(device)
+            stream = own[device.index]
+            stream.wait_stream(caller[device.index])
+        with torch.inference_mode(inference), torch.no_grad(), torch.cuda.stream(stream) if stream else nullcontext():
+            work(batch)
+        if stream is not None:
+            caller[device.index].wait_stream(stream)
+
+    return run
 
 
 def _assign(module: TLoraModule, q: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> None:

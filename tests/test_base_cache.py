@@ -341,3 +341,23 @@ def test_the_checksum_is_exact_integer_arithmetic():
     expected = sum(v * m for v, m in zip(values, odd)) % 2**64
     [checksum] = base_cache.weight_checksums([weight])
     assert checksum % 2**64 == expected and all(m % 2 for m in odd)
+
+
+# -- on CUDA ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_key_is_computed_there_and_a_cpu_cache_does_not_serve_it(tlora_path, uncached, monkeypatch):
+    fresh_load(tlora_path)  # a CPU rebuild, cached
+    pipe, _ = tiny.sdxl(rank=None, steps=2)
+    pipe.to("cuda", torch.bfloat16)
+    load_tlora(pipe, tlora_path, cache_base=True)  # another device type and dtype: a miss, rebuilt on CUDA
+    rebuilt = {name: tuple(t.cpu() for t in terms) for name, terms in base_terms(pipe).items()}
+    assert len(cache_files(tlora_path.parent)) == 2
+    forbid_rebuild(monkeypatch)
+    again, _ = tiny.sdxl(rank=None, steps=2)
+    again.to("cuda", torch.bfloat16)
+    load_tlora(again, tlora_path, cache_base=True)
+    modules = applied_tlora_modules(again.unet)
+    assert all(module.base_q.is_cuda for module in modules)
+    assert_bit_identical({name: tuple(t.cpu() for t in terms) for name, terms in base_terms(again).items()}, rebuilt)

@@ -3,6 +3,10 @@
     python benchmarks/bench_load.py            # CUDA: the full SDXL UNet (700 modules, rank 64); else a mid-size UNet
     python benchmarks/bench_load.py --size mid # force the CPU-sized model
 
+Also times `load_tlora(..., cache_base=folder)`: the first load rebuilds and writes the base cache (cold), the later
+ones read it (hit), interleaved with the uncached loads; and the cache key's two parts (the file's sha256, the
+weights' checksums) alone.
+
 The UNet is built from SDXL's published config with random weights (no downloads); the T-LoRA file is written with
 random factors in LyCORIS's layout and SimpleTuner's metadata. Timings are medians of interleaved repetitions.
 On CUDA, LyCORIS (SVD + gc.collect per module, ~4.7 min for SDXL on an H200) runs on a subset of modules only and is
@@ -34,7 +38,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from tlora_hooks import load_tlora, unload_tlora  # noqa: E402
 from published_configs import SDXL_UNET  # noqa: E402
-from tlora_hooks import rebuild  # noqa: E402
+from tlora_hooks import base_cache, rebuild  # noqa: E402
 from tlora_hooks.discovery import applied_tlora_modules  # noqa: E402
 from tlora_hooks.schedule import masks_by_rank  # noqa: E402
 
@@ -90,10 +94,10 @@ def write_tlora_file(layers: dict, rank: int, path: str, dtype: torch.dtype) -> 
     save_file(tensors, path, {"lycoris_config": json.dumps(config)})
 
 
-def time_load_tlora(unet, path: str, device: str) -> float:
+def time_load_tlora(unet, path: str, device: str, cache_base=False) -> float:
     sync(device)
     start = time.perf_counter()
-    load_tlora(unet, path)
+    load_tlora(unet, path, cache_base=cache_base)
     sync(device)
     return time.perf_counter() - start
 
@@ -136,6 +140,34 @@ def max_delta_difference(ours, theirs, rank: int) -> float:
             clear_timestep_mask(module.mask_group_id)
             clear_timestep_mask(reference.mask_group_id)
     return worst
+
+
+def cache_cold_load(unet, path: str, cache: str, device: str, layers: dict) -> dict:
+    """The first cached load (rebuild + write), the cache file's size, and the key's two parts timed alone."""
+    cold = time_load_tlora(unet, path, device, cache_base=cache)
+    [name] = os.listdir(cache)
+    weights = [layer.weight.detach() for layer in layers.values()]
+    base_cache.weight_checksums(weights)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    base_cache.weight_checksums(weights)
+    sync(device)
+    checksums = time.perf_counter() - start
+    start = time.perf_counter()
+    base_cache.file_sha256(path)
+    file_hash = time.perf_counter() - start
+    return {
+        "load_tlora_cache_cold_s": round(cold, 3),
+        "cache_file_mib": round(os.path.getsize(os.path.join(cache, name)) / 2**20, 1),
+        "cache_key_weight_checksums_s": round(checksums, 4), "cache_key_file_sha256_s": round(file_hash, 4),
+        "file_mib": round(os.path.getsize(path) / 2**20, 1),
+        "weights_gib": round(sum(w.numel() * w.element_size() for w in weights) / 2**30, 3),
+    }
+
+
+def base_terms(unet) -> dict:
+    return {module.lora_name: tuple(getattr(module, buffer).clone() for buffer in base_cache.BUFFERS)
+            for module in applied_tlora_modules(unet)}
 
 
 def decomposition_timings(layers: dict, rank: int, device: str, batch: int = 2) -> dict:
@@ -221,7 +253,12 @@ def main() -> None:
         print(json.dumps({"rebuild_s": result["rebuild_s"]}), flush=True)
         unload_tlora(unet)
         print(json.dumps({"load_tlora_cold_s": result["load_tlora_cold_s"]}), flush=True)
-        ours, theirs, theirs_no_gc, ours_subset = [], [], [], []
+        cache = os.path.join(folder, "base_cache")
+        result.update(cache_cold_load(unet, path, cache, device, layers))
+        rebuilt = base_terms(unet)
+        unload_tlora(unet)
+        print(json.dumps({key: value for key, value in result.items() if "cache" in key}), flush=True)
+        ours, theirs, theirs_no_gc, ours_subset, hits = [], [], [], [], []
         for _ in range(reps):
             ours.append(time_load_tlora(unet, path, device))
             mine = applied_tlora_modules(unet)
@@ -239,11 +276,18 @@ def main() -> None:
             if subset is not None:
                 ours_subset.append(time_load_tlora(unet, subset_path, device))
                 unload_tlora(unet)
+            hits.append(time_load_tlora(unet, path, device, cache_base=cache))
+            result["cache_hit_bit_identical"] = all(
+                all(torch.equal(a, b) for a, b in zip(terms, rebuilt[name])) for name, terms in base_terms(unet).items()
+            )
+            unload_tlora(unet)
             print(json.dumps({"rep": len(ours), "load_tlora_s": ours[-1], "lycoris_s": theirs[-1],
-                              "lycoris_no_gc_s": theirs_no_gc[-1]}), flush=True)
+                              "lycoris_no_gc_s": theirs_no_gc[-1], "load_tlora_cache_hit_s": hits[-1]}), flush=True)
     result["load_tlora_s"] = round(statistics.median(ours), 3)
     result["lycoris_s"] = round(statistics.median(theirs), 3)
     result["lycoris_no_gc_s"] = round(statistics.median(theirs_no_gc), 3)
+    result["load_tlora_cache_hit_s"] = round(statistics.median(hits), 3)
+    result["cache_hit_speedup"] = round(result["load_tlora_s"] / result["load_tlora_cache_hit_s"], 1)
     if subset is None:
         result["ratio"] = round(result["lycoris_s"] / result["load_tlora_s"], 1)
         result["ratio_no_gc"] = round(result["lycoris_no_gc_s"] / result["load_tlora_s"], 1)

@@ -3,7 +3,7 @@
 #   benchmarks/gpu_run.sh forward host load tests   # any of these, in order (default: all):
 #     forward  step times of every mode vs the plain model and LyCORIS, SDXL + Flux (~2 min on an H200)
 #     host     host (launch) cost per T-LoRA layer call of every mode, SDXL's 700 layers (~30 s)
-#     load     load_tlora vs LyCORIS for an SDXL T-LoRA (~1.5 min)
+#     load     load_tlora vs LyCORIS for an SDXL T-LoRA, and the cached load (~2 min)
 #     tests    the tests marked gpu and the fused fold kernel's (~1 min)
 # diffusers and lycoris-lora may come as wheels in .whl/ (see the device notes); results go to $OUT (default gpu_out).
 set -u

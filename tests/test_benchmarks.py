@@ -48,3 +48,10 @@ def test_cost_model_counts_each_layer_once(run):
     sdxl, flux = run("cost_model.py")
     assert sdxl["tlora_layers"] == 700, "SDXL's Attention + FeedForward linears, as the issue's anchor counts them"
     assert 0 < sdxl["bypass_extra_flop_share"] < 1 and 0 < flux["fold_extra_flop_share"] < 1
+
+
+def test_bench_load_times_the_cached_load_and_its_hit_equals_the_rebuild(run):
+    (result,) = run("bench_load.py", "--size", "tiny", "--reps", "1", "--rank", "8", "--lycoris-modules", "2")
+    assert result["cache_hit_bit_identical"] is True
+    assert result["load_tlora_cache_cold_s"] > 0 and result["load_tlora_cache_hit_s"] > 0
+    assert result["cache_key_weight_checksums_s"] > 0 and result["cache_file_mib"] > 0

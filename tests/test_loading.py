@@ -424,12 +424,12 @@ def test_modules_applied_by_hand_are_not_stacked_on(bad_files):
 
 
 def test_an_unknown_denoiser_class_fails_before_the_rebuild(sdxl_trained, monkeypatch):
-    from tlora_hooks import conventions
+    from tlora_hooks import conventions, rebuild
 
     pipe, kw = tiny.sdxl(rank=None)
     monkeypatch.setattr(conventions, "_CONVENTIONS", {})
     rebuilt = []
-    monkeypatch.setattr(loading, "rebuild_base_terms", lambda modules: rebuilt.append(modules))
+    monkeypatch.setattr(rebuild, "rebuild_base_terms", lambda modules, **options: rebuilt.append(modules))
     with pytest.raises(TLoRAError, match="No timestep convention"):
         load_tlora(pipe, sdxl_trained[0])
     assert not rebuilt and not applied_tlora_modules(pipe.unet)

@@ -17,6 +17,7 @@ from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
 from .api import _plan, enable_tlora
+from .base_cache import CacheArgument, cache_folder, check_cache_argument, fill_base_terms
 from .discovery import applied_tlora_modules, is_pipeline, pipeline_modules, unwrap
 from .errors import TLoRAError
 from .formats import ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
@@ -24,7 +25,6 @@ from .hooks import TLoRAHandle, installed_hook
 from .logging_utils import get_logger
 from .matching import Match, match_file
 from .modes import check_mode
-from .rebuild import rebuild_base_terms
 from .schedule import RankSchedule
 
 logger = get_logger(__name__)
@@ -80,6 +80,7 @@ def load_tlora(
     component: str | None = None,
     timestep_fn: Any = None,
     scheduler: Any = None,
+    cache_base: CacheArgument = False,
 ) -> TLoRAHandle:
     """Load a T-LoRA file onto a pipeline (or a bare denoiser) and mask it by timestep on every denoiser call.
 
@@ -87,10 +88,15 @@ def load_tlora(
     the tensors; `min_rank` and `alpha` (`tlora_min_rank`, `tlora_alpha`) from SimpleTuner's metadata unless passed.
     `multiplier` scales the adapter. `strict=True` makes any key that matches no layer an error. `component` picks
     the denoiser when several fit (Wan 2.2's two experts). `mode`, `timestep_fn`, `scheduler` go to `enable_tlora`.
+    `cache_base` keeps the base terms rebuilt from the model's weights (LyCORIS files save none), keyed by the file's
+    and the weights' hashes, so the next load of the same file onto the same weights reads them instead of
+    rebuilding: True puts the cache beside the file, a path in that folder. Off by default: the file's folder may be
+    read-only or shared. A cache that cannot be read or written warns and rebuilds; it never fails the load.
     Loading again replaces what was loaded on that denoiser. Returns `enable_tlora`'s handle; `unload_tlora(target)`
     removes the modules and the hooks. A failed call changes nothing.
     """
     check_mode(mode)
+    check_cache_argument(cache_base)
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
         raise TLoRAError(f"multiplier must be a finite number (the adapter strength, default 1.0), got {multiplier!r}.")
     tlora_file = read_tlora_file(path)
@@ -106,7 +112,9 @@ def load_tlora(
     if timestep_fn is None:
         _plan(match.component, match.denoiser, pipeline, None)  # an unknown denoiser class fails before the work
     loaded = LoadedTLoRA(
-        network=_build_on_pristine_weights(target, match, tlora_file, multiplier),
+        network=_build_on_pristine_weights(
+            target, match, tlora_file, multiplier, cache_folder(cache_base, tlora_file.path)
+        ),
         path=tlora_file.path,
         format=tlora_file.format,
         enable_kwargs=dict(
@@ -179,7 +187,9 @@ def _refuse_foreign_modules(match: Match) -> None:
         )
 
 
-def _build_on_pristine_weights(target: Any, match: Match, tlora_file: TLoraFile, multiplier: float) -> LycorisNetwork:
+def _build_on_pristine_weights(
+    target: Any, match: Match, tlora_file: TLoraFile, multiplier: float, cache: str | None
+) -> LycorisNetwork:
     """Build with the hooks of an earlier load removed: a fold path keeps that adapter's delta in the weights
     between calls, and the base rebuild must see the model's own weights. On failure the earlier hooks come back."""
     previous = match.denoiser.__dict__.get(LOADED_ATTRIBUTE)
@@ -187,7 +197,7 @@ def _build_on_pristine_weights(target: Any, match: Match, tlora_file: TLoraFile,
     if hook is not None:
         hook.remove()
     try:
-        return _build_network(match, tlora_file, multiplier)
+        return _build_network(match, tlora_file, multiplier, cache)
     except BaseException:
         if hook is not None and previous is not None:
             _enable(target, match.component, previous)
@@ -195,8 +205,9 @@ def _build_on_pristine_weights(target: Any, match: Match, tlora_file: TLoraFile,
 
 
 @torch.no_grad()
-def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float) -> LycorisNetwork:
-    """LyCORIS modules for the matched layers, filled from the file, on each layer's device, in fp32 like LyCORIS's."""
+def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float, cache: str | None) -> LycorisNetwork:
+    """LyCORIS modules for the matched layers, filled from the file, on each layer's device, in fp32 like LyCORIS's.
+    Base terms the file lacks are rebuilt, or read from the cache folder `cache`."""
     network = LycorisNetwork(match.denoiser, init_only=True)
     network.multiplier = multiplier
     to_rebuild = []
@@ -208,7 +219,7 @@ def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float) -> Ly
             to_rebuild.append(module)
         network.loras.append(module)
     if to_rebuild:
-        rebuild_base_terms(to_rebuild)
+        fill_base_terms(to_rebuild, tlora_file.path, cache)
     return network
 
 

@@ -232,6 +232,19 @@ def test_auto_uses_low_memory_under_an_offloading_hook():
     remove_hook_from_module(pipe.unet)
 
 
+def test_fast_paths_under_autocast_match_lycoris():
+    """fp32 weights and factors, bf16 compute: the bypass must not add an fp32 product into a bf16 output in place."""
+    pipe, kw = tiny.sdxl()
+    outputs = {}
+    for mode in ("lycoris",) + FAST_MODES:
+        with enable_tlora(pipe, max_rank=8, mode=mode), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[mode] = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    reference = outputs.pop("lycoris")
+    assert reference.dtype == torch.bfloat16
+    for mode, out in outputs.items():
+        assert relative_error(out, reference) <= TOLERANCE[torch.bfloat16], mode
+
+
 @pytest.mark.parametrize("mode", ["fold", "low_memory"])
 def test_fast_paths_follow_weights_moved_after_enabling(mode, caplog):
     """`pipe.to(dtype)` after enable_tlora gives the layers new tensors (fold must write into those) in a new dtype

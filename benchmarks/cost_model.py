@@ -6,6 +6,7 @@ Runs the published-config denoisers on meta tensors (no memory, no weights) unde
 kernel-launching operators of one plain call; the T-LoRA layers and their token counts come from the same LyCORIS
 network the benchmarks use. Floors, not timings: the bypass adds 2·tokens·2r·(in + out) FLOPs and two kernels per
 layer; the fold reads W0 and writes W once per call (2 × the targeted weights' bytes) plus the thin matmul's FLOPs.
+Also the extra memory each path holds (what `handle.extra_memory_bytes` reports), from the layer shapes.
 """
 
 from __future__ import annotations
@@ -53,12 +54,17 @@ def cost(kind: str, rank: int = 64) -> dict:
     weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
     bypass = sum(2 * tokens[layer] * 2 * rank * (layer.in_features + layer.out_features) for layer in layers)
     fold = sum(2 * 2 * rank * layer.in_features * layer.out_features for layer in layers)
+    size = torch.empty((), dtype=dtype).element_size()
+    factors = sum(2 * rank * (layer.in_features + layer.out_features) * size for layer in layers)
+    masked_copies = sum(2 * rank * min(layer.in_features, layer.out_features) * size for layer in layers)
     return dict(
         model=kind, shape=shape, tlora_layers=len(layers), plain_gflop=round(total / 1e9),
         targeted_linear_share=round(sum(2 * tokens[l] * l.in_features * l.out_features for l in layers) / total, 3),
         plain_kernels=kernels.count,
         bypass_extra_flop_share=round(bypass / total, 4), bypass_extra_kernels=2 * len(layers),
         fold_gib_moved_per_call=round(2 * weight_bytes / 2**30, 2), fold_extra_flop_share=round(fold / total, 4),
+        fold_extra_gib=round((weight_bytes + factors) / 2**30, 2),
+        low_memory_extra_gib=round((factors + masked_copies) / 2**30, 2),
     )
 
 

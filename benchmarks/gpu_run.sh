@@ -26,7 +26,7 @@ for job in "${jobs[@]}"; do
     case "$job" in
         forward) timeout 330 python3 benchmarks/bench_forward.py --model both 2>&1 | grep -v "LyCORIS\]" | tee "$OUT/forward.log" ;;
         host) timeout 120 python3 benchmarks/bench_host_overhead.py 2>&1 | grep -v "LyCORIS\]" | tee "$OUT/host.log" ;;
-        load) timeout 220 python3 benchmarks/bench_load.py 2>&1 | grep -v "LyCORIS\]" | tee "$OUT/load.log" ;;
+        load) timeout 300 python3 benchmarks/bench_load.py 2>&1 | grep -v "LyCORIS\]" | tee "$OUT/load.log" ;;
         tests)
             timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_fold_kernel.py 2>&1 | tee "$OUT/gpu_tests.log"
             timeout 420 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests 2>&1 | tee -a "$OUT/gpu_tests.log"

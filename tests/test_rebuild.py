@@ -101,39 +101,33 @@ def test_batched_stacks_decompose_like_single_matrices():
                 torch.testing.assert_close(mine[index], theirs[0], atol=1e-6, rtol=0)
 
 
+def rebuilt_base_terms(layers, rank: int, workers: int) -> list[torch.Tensor]:
+    """Each layer's base terms (flattened) after one `rebuild_base_terms` over all of them with `workers` batches at
+    once; built under inference mode, whose buffers only inference mode can write."""
+    with tiny.lycoris_without_gc(), torch.inference_mode():
+        device = layers[0].weight.device
+        modules = [LoadedTLoraModule("x", layer, lora_dim=rank, alpha=rank).to(device) for layer in layers]
+        rebuild_base_terms(modules, progress=False, workers=workers)
+    return [torch.cat([m.base_q.flatten(), m.base_p.flatten(), m.base_lambda.flatten()]) for m in modules]
+
+
 def test_concurrent_batches_give_the_same_bits_as_one_at_a_time(monkeypatch):
-    """Several worker threads (on CUDA: each on its own stream) over many small batches of several shape groups,
-    under the caller's inference mode, write exactly what a sequential rebuild writes."""
+    """Several worker threads over many small batches of several shape groups, under the caller's inference mode,
+    write exactly what a sequential rebuild writes."""
     import tlora_hooks.rebuild as rebuild
 
     torch.manual_seed(0)
     layers = [torch.nn.Linear(*shape) for shape in [(24, 16)] * 5 + [(16, 24)] * 4 + [(12, 12)] * 3]
     monkeypatch.setattr(rebuild, "CHUNK_BYTES", 3 * rebuild._working_bytes((24, 24)))  # 1-3 matrices per batch
-
-    def rebuilt(workers):
-        with torch.inference_mode():  # buffers made in inference mode can only be written in it
-            modules = [LoadedTLoraModule("x", layer, lora_dim=8, alpha=8) for layer in layers]
-            rebuild_base_terms(modules, progress=False, workers=workers)
-        return [torch.cat([m.base_q.flatten(), m.base_p.flatten(), m.base_lambda.flatten()]) for m in modules]
-
-    with tiny.lycoris_without_gc():
-        sequential, concurrent = rebuilt(1), rebuilt(3)
-    for one, other in zip(sequential, concurrent):
+    for one, other in zip(rebuilt_base_terms(layers, 8, 1), rebuilt_base_terms(layers, 8, 3)):
         assert torch.equal(one, other)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_streams_give_the_same_bits_as_one_stream():
+    """Each worker on its own CUDA stream, ordered after the caller's: the same bits as one stream."""
     torch.manual_seed(0)
     layers = [torch.nn.Linear(*shape, device="cuda") for shape in [(320, 320)] * 6 + [(640, 320)] * 5]
-
-    def rebuilt(workers):
-        modules = [LoadedTLoraModule("x", layer, lora_dim=16, alpha=16).to("cuda") for layer in layers]
-        rebuild_base_terms(modules, progress=False, workers=workers)
-        return [torch.cat([m.base_q.flatten(), m.base_p.flatten(), m.base_lambda.flatten()]) for m in modules]
-
-    with tiny.lycoris_without_gc():
-        sequential, concurrent = rebuilt(1), rebuilt(4)
-    for one, other in zip(sequential, concurrent):
+    for one, other in zip(rebuilt_base_terms(layers, 16, 1), rebuilt_base_terms(layers, 16, 4)):
         assert torch.equal(one, other)

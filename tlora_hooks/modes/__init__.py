@@ -1,8 +1,8 @@
 """Ways to run the masked forward; each is tested against LyCORIS's own (`"lycoris"`).
 
 - `"lycoris"`: LyCORIS's own forward (rebuilds ΔW in every layer on every call): the reference.
-- `"low_memory"`: y = layer(x) + ((x·Aᵀ)⊙m)·Bᵀ beside the untouched base layer; any linear-like base (fp8,
-  quantized, offloaded); extra memory: the thin factors only.
+- `"low_memory"`: y = layer(x) + (x·A_mᵀ)·B_mᵀ beside the untouched base layer, one factor of each shape group
+  masked per call; any linear-like base (fp8, quantized, offloaded); extra memory: the thin factors only.
 - `"fold"`: writes W0 + B·diag(m)·A into the weights once per call (one batched matmul per shape group), then the
   layers run at plain speed; extra memory: a copy of the folded weights.
 - `"auto"` (default): `"fold"` when the weights are plain float `nn.Linear` with no offloading hook, on a device with

@@ -20,15 +20,14 @@ logger = get_logger(__name__)
 class ChainLink:
     """The slot (`layer.forward` or an outer wrapper's `org_forward`) that calls the module, pointed past it.
 
-    While unlinked, the slot calls `replacement` (default: the layer's own forward, as if LyCORIS had never wrapped
-    it): no Python frame of LyCORIS per call.
+    While unlinked, the layer runs exactly as if LyCORIS had never wrapped it: no Python frame of LyCORIS per call.
     """
 
-    def __init__(self, module: TLoraModule, holder: Any, attribute: str, replacement: Callable | None = None) -> None:
+    def __init__(self, module: TLoraModule, holder: Any, attribute: str) -> None:
         self.module = module
         self.holder = holder
         self.attribute = attribute
-        self.bypassing = module.org_forward if replacement is None else replacement
+        self.bypassing = module.org_forward
         setattr(holder, attribute, self.bypassing)
 
     @staticmethod
@@ -44,10 +43,10 @@ class ChainLink:
         return None
 
     @classmethod
-    def unlink(cls, module: TLoraModule, replacement: Callable | None = None) -> "ChainLink | None":
+    def unlink(cls, module: TLoraModule) -> "ChainLink | None":
         """Unlink `module` where LyCORIS put it; None where something else holds its forward."""
         slot = cls.slot(module)
-        return cls(module, *slot, replacement) if slot is not None else None
+        return cls(module, *slot) if slot is not None else None
 
     def relink(self) -> None:
         if self.holder.__dict__.get(self.attribute) != self.bypassing:
@@ -73,8 +72,7 @@ class BypassOverride:
         module.bypass_forward = delta_forward
         module.bypass_mode = True
 
-    def relink(self) -> None:
-        """Put LyCORIS's own forward branch back (as `ChainLink.relink` does for the chain)."""
+    def restore(self) -> None:
         module = self.module
         module.bypass_mode = self._bypass_mode
         if self._had_instance_bypass:

@@ -3,8 +3,8 @@
 It never reads or writes the base weight, so it works for fp8 or quantized layers and for weights that offloading
 hooks move, and keeps no copy of any weight. Same-shaped modules share stacked factors A (G, 2r, in) and
 B (G, out, 2r); the thinner of the two is masked once per call for the whole group (one kernel), so a layer runs
-two extra matmuls and nothing else. Where LyCORIS put the module in the layer's forward chain, the layer calls the
-bypass directly, without LyCORIS's forward in between.
+two extra matmuls and nothing else. It is reached through LyCORIS's own forward (its `bypass_mode` branch), which
+leaves the layers' forward chain alone, so hooks that wrap a layer later (sequential offload) stay in place.
 Extra memory: the factors (2r·(in + out) values per module) plus the masked copy of the thinner one
 (2r·min(in, out)), in the activations' dtype, on the activations' device.
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lycoris.modules.tlora import TLoraModule
 
 from ..logging_utils import get_logger
-from .chain import BypassOverride, ChainLink
+from .chain import BypassOverride
 from .factors import FLOAT_WEIGHTS, base_layer, delta_factors
 
 logger = get_logger(__name__)
@@ -130,11 +130,9 @@ class LowMemoryPath:
         for module in modules:
             by_key[(module.lora_dim, module.shape[0], module.shape[1], layer_dtype(module))].append(module)
         self.groups = [BypassGroup(members, dtype or self.mask_dtype) for (*_, dtype), members in by_key.items()]
-        self.links: list[ChainLink | BypassOverride] = []
-        for group in self.groups:
-            for module, layer in zip(group.modules, group.layers):
-                # Called directly by the layer where LyCORIS put the module; else through LyCORIS's bypass branch.
-                self.links.append(ChainLink.unlink(module, replacement=layer) or BypassOverride(module, layer))
+        self.overrides = [
+            BypassOverride(module, layer) for group in self.groups for module, layer in zip(group.modules, group.layers)
+        ]
 
     @property
     def modules(self) -> list[TLoraModule]:
@@ -161,8 +159,8 @@ class LowMemoryPath:
                     group.clear_mask()
 
     def remove(self) -> None:
-        while self.links:
-            self.links.pop().relink()
+        while self.overrides:
+            self.overrides.pop().restore()
         self.groups = []
 
 

@@ -8,6 +8,7 @@ forward, so the sign each decomposition picks for a singular pair does not matte
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -121,9 +122,7 @@ def rebuild_base_terms(
 
 def _working_bytes(shape: tuple[int, ...]) -> int:
     """fp64 working memory of one matrix: the weight, its vectors and the Gram matrix."""
-    out_dim, flat_in = shape[0], 1
-    for size in shape[1:]:
-        flat_in *= size
+    out_dim, flat_in = shape[0], math.prod(shape[1:])
     return 8 * (3 * out_dim * flat_in + 2 * min(out_dim, flat_in) ** 2)
 
 

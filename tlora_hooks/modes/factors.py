@@ -31,6 +31,11 @@ def delta_factors(module: TLoraModule, device: torch.device, dtype: torch.dtype)
         return a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous()
 
 
+def doubled_mask(mask: torch.Tensor, rank: int) -> torch.Tensor:
+    """[m[:r], m[:r]] of a (1, max_rank) mask: the mask of `delta_factors`' 2r stacked ranks, for a rank-r module."""
+    return mask[0, :rank].repeat(2)
+
+
 def factor_bytes(module: TLoraModule, dtype: torch.dtype) -> int:
     """Bytes of one module's A and B in `dtype`."""
     out_features, in_features = module.shape[0], module.shape[1]

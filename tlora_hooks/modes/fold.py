@@ -20,7 +20,8 @@ from ..errors import TLoRAError
 from ..logging_utils import get_logger
 from . import fold_kernel
 from .chain import ChainLink
-from .factors import FLOAT_WEIGHTS, base_layer, delta_factors
+from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
+from .grouped import GroupedPath
 
 logger = get_logger(__name__)
 
@@ -113,8 +114,11 @@ class FoldGroup:
         self.base = self.a = self.b = None
 
 
-class FoldPath:
-    """Folds the masked delta into the weights once per denoiser call; the layers then run at plain speed."""
+class FoldPath(GroupedPath):
+    """Folds the masked delta into the weights once per denoiser call; the layers then run at plain speed.
+
+    Extra memory: one copy of every folded weight, plus the stacked factors.
+    """
 
     name = "fold"
 
@@ -144,17 +148,8 @@ class FoldPath:
         )
 
     @property
-    def modules(self) -> list[TLoraModule]:
-        return [module for group in self.groups for module in group.modules]
-
-    @property
     def mask_dtype(self) -> torch.dtype:
         return self.groups[0].dtype if self.groups else torch.float32
-
-    @property
-    def extra_memory_bytes(self) -> int:
-        """One copy of every folded weight, plus the stacked factors."""
-        return sum(group.nbytes for group in self.groups)
 
     def set_mask(self, mask: torch.Tensor) -> None:
         doubled: dict[tuple, torch.Tensor] = {}
@@ -163,8 +158,7 @@ class FoldPath:
                 group.follow_moved_weights()
                 key = (group.rank, group.device, group.dtype)
                 if key not in doubled:
-                    active = mask[0, : group.rank].to(group.device, group.dtype)
-                    doubled[key] = torch.cat([active, active])
+                    doubled[key] = doubled_mask(mask, group.rank).to(group.device, group.dtype)
                 group.fold(doubled[key])
 
     def clear_mask(self) -> None:

@@ -19,7 +19,8 @@ from lycoris.modules.tlora import TLoraModule
 
 from ..logging_utils import get_logger
 from .chain import BypassOverride
-from .factors import FLOAT_WEIGHTS, base_layer, delta_factors
+from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
+from .grouped import GroupedPath
 
 logger = get_logger(__name__)
 
@@ -118,8 +119,8 @@ class BypassGroup:
         return layer.a.to(x.device, x.dtype), layer.b_t.to(x.device, x.dtype)
 
 
-class LowMemoryPath:
-    """Runs each module's delta beside its untouched base layer."""
+class LowMemoryPath(GroupedPath):
+    """Runs each module's delta beside its untouched base layer. Extra memory: the factors, built on the first call."""
 
     name = "low_memory"
 
@@ -134,22 +135,13 @@ class LowMemoryPath:
             BypassOverride(module, layer) for group in self.groups for module, layer in zip(group.modules, group.layers)
         ]
 
-    @property
-    def modules(self) -> list[TLoraModule]:
-        return [module for group in self.groups for module in group.modules]
-
-    @property
-    def extra_memory_bytes(self) -> int:
-        """The factors built so far (on the first call)."""
-        return sum(group.nbytes for group in self.groups)
-
     def set_mask(self, mask: torch.Tensor) -> None:
         doubled: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             for group in self.groups:
                 group.follow(mask.device)
                 if group.rank not in doubled:
-                    doubled[group.rank] = mask[0, : group.rank].repeat(2)
+                    doubled[group.rank] = doubled_mask(mask, group.rank)
                 group.set_mask(doubled[group.rank])
 
     def clear_mask(self) -> None:

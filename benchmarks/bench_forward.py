@@ -187,26 +187,26 @@ def time_variant(name, model, network, call, timesteps, args, scheduler, device,
         seconds = (time.perf_counter() - start) / len(timesteps)
         extra = handle.extra_memory_bytes if handle is not None else 0
         resolved = next(iter(handle.mode.values())) if handle is not None else "plain"
-        fused = fused_groups(model)
+        fused = fused_stacks(model)
         if fused:
-            resolved += f" (fused kernel: {fused[0]}/{fused[1]} groups)"
+            resolved += f" (fused kernel: {fused[0]}/{fused[1]} stacks)"
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return seconds, peak, extra / 2**30, resolved
 
 
-def fused_groups(model):
-    """(groups folded by the fused Triton kernel, all fold groups) of the path enabled on `model`, or None."""
+def fused_stacks(model):
+    """(stacks folded by the fused Triton kernel, all fold stacks) of the mode enabled on `model`, or None."""
     from tlora_hooks.hooks import installed_hook
-    from tlora_hooks.modes.fold import FoldGroup
+    from tlora_hooks.modes.fold import FoldStack
 
     hook = installed_hook(model)
-    stack = [hook.path] if hook is not None else []
-    groups = []
-    while stack:
-        path = stack.pop()
-        stack.extend(getattr(path, "parts", []))
-        groups.extend(group for group in getattr(path, "groups", []) if isinstance(group, FoldGroup))
-    return (sum(group.fused is not None for group in groups), len(groups)) if groups else None
+    pending = [hook.mode] if hook is not None else []
+    stacks = []
+    while pending:
+        mode = pending.pop()
+        pending.extend(getattr(mode, "parts", []))
+        stacks.extend(stack for stack in getattr(mode, "stacks", []) if isinstance(stack, FoldStack))
+    return (sum(stack.fused is not None for stack in stacks), len(stacks)) if stacks else None
 
 
 def output_differences(model, network, call, timesteps, args, scheduler, dtype):

@@ -38,16 +38,16 @@ def time_layers(layers, inputs, device, loops):
 
 
 def time_mask_update(model, mask, device, loops):
-    """Seconds per `set_mask` + `clear_mask` of the whole denoiser (what the path adds per denoiser call)."""
+    """Seconds per `set_mask` + `clear_mask` of the whole denoiser (what the mode adds per denoiser call)."""
     from tlora_hooks.hooks import installed_hook
 
-    path = installed_hook(model).path
-    mask = mask.to(path.mask_dtype)
+    mode = installed_hook(model).mode
+    mask = mask.to(mode.mask_dtype)
     synchronize(device)
     start = time.perf_counter()
     for _ in range(loops):
-        path.set_mask(mask)
-        path.clear_mask()
+        mode.set_mask(mask)
+        mode.clear_mask()
     synchronize(device)
     return (time.perf_counter() - start) / loops
 

@@ -12,7 +12,7 @@ import torch
 from lycoris.logging import logger as lycoris_logger
 from lycoris.modules.tlora import TLoraModule, compute_timestep_mask
 
-from tlora_hooks import modes as tlora_modes
+from tlora_hooks.modes import build as mode_build
 
 sys.path.insert(0, os.path.dirname(__file__))
 lycoris_logger.setLevel(logging.WARNING)
@@ -30,7 +30,7 @@ class RankProbe:
         original = TLoraModule._get_mask
         # Only LyCORIS's own forward reads the mask per module, so while probing, "auto" means mode="lycoris"; the
         # fast paths are checked against that mode, output by output, in test_modes.py.
-        monkeypatch.setattr(tlora_modes, "auto_policy", tlora_modes.MODES["lycoris"])
+        monkeypatch.setattr(mode_build, "resolve_auto", lambda foldable: "lycoris")
 
         def recording_get_mask(module, device):
             mask = original(module, device)

@@ -175,4 +175,4 @@ def test_invalid_settings_raise_at_enable_time_and_change_nothing(settings):
         enable_tlora(toy, **{"max_rank": MAX_RANK, **settings})
     assert state == (len(toy._forward_pre_hooks), len(toy._forward_hooks),
                      [m.mask_group_id for m in applied_tlora_modules(toy)], toy._tlora_hooks_state)
-    assert toy._tlora_hooks_state.schedule.alpha == 2.0, "the working hooks stay"
+    assert toy._tlora_hooks_state.call_rank.schedule.alpha == 2.0, "the working hooks stay"

@@ -44,7 +44,7 @@ def test_enabling_twice_replaces_the_hooks():
     second = enable_tlora(pipe, max_rank=8, alpha=2.0)
     assert (len(pipe.unet._forward_pre_hooks), len(pipe.unet._forward_hooks)) == (before[0] + 1, before[1] + 1)
     assert first.denoisers == [] and second.denoisers == ["unet"]
-    assert getattr(pipe.unet, STATE_ATTRIBUTE).schedule.alpha == 2.0
+    assert getattr(pipe.unet, STATE_ATTRIBUTE).call_rank.schedule.alpha == 2.0
     disable_tlora(pipe)
     assert (len(pipe.unet._forward_pre_hooks), len(pipe.unet._forward_hooks)) == before
     assert STATE_ATTRIBUTE not in pipe.unet.__dict__

@@ -44,8 +44,8 @@ def test_one_info_line_names_the_denoisers_and_the_rank_range(caplog, info_verbo
 
 
 def test_the_library_logger_is_the_parent_of_every_module_logger():
-    from tlora_hooks import api, hooks
+    from tlora_hooks import api, call_rank
 
     assert api.logger.parent is logging.getLogger(LIBRARY_LOGGER)
-    assert hooks.logger.parent is logging.getLogger(LIBRARY_LOGGER)
+    assert call_rank.logger.parent is logging.getLogger(LIBRARY_LOGGER)
     assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger(LIBRARY_LOGGER).handlers)

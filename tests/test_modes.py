@@ -196,9 +196,9 @@ def test_auto_folds_from_the_first_call_and_every_run_is_the_same():
 
 
 def test_auto_uses_low_memory_when_memory_is_short(monkeypatch):
-    import tlora_hooks.modes as modes
+    from tlora_hooks.modes import auto
 
-    monkeypatch.setattr(modes, "memory_info", lambda device: (1 << 10, 1 << 30))
+    monkeypatch.setattr(auto, "memory_info", lambda device: (1 << 10, 1 << 30))
     pipe, kw = tiny.sdxl()
     with enable_tlora(pipe, max_rank=8) as handle:
         pipe(**kw)

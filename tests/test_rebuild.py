@@ -8,7 +8,7 @@ import torch
 from lycoris.modules.tlora import TLoraModule
 
 import tiny
-from tlora_hooks.loading import LoadedTLoraModule
+from tlora_hooks.loading import TLoraModuleWithoutSvd
 from tlora_hooks.rebuild import DECOMPOSITIONS, principal_base_terms, rebuild_base_terms
 
 LAYERS = {
@@ -35,7 +35,7 @@ def lycoris_module(layer, rank=8):
 
 def rebuilt_module(layer, rank=8, method="gram-eigh"):
     with torch.device("meta"):
-        module = LoadedTLoraModule("x", layer, lora_dim=rank, alpha=rank)
+        module = TLoraModuleWithoutSvd("x", layer, lora_dim=rank, alpha=rank)
     module = module.to_empty(device="cpu")
     rebuild_base_terms([module], method=method, progress=False)
     return module
@@ -106,7 +106,7 @@ def rebuilt_base_terms(layers, rank: int, workers: int) -> list[torch.Tensor]:
     once; built under inference mode, whose buffers only inference mode can write."""
     with tiny.lycoris_without_gc(), torch.inference_mode():
         device = layers[0].weight.device
-        modules = [LoadedTLoraModule("x", layer, lora_dim=rank, alpha=rank).to(device) for layer in layers]
+        modules = [TLoraModuleWithoutSvd("x", layer, lora_dim=rank, alpha=rank).to(device) for layer in layers]
         rebuild_base_terms(modules, progress=False, workers=workers)
     return [torch.cat([m.base_q.flatten(), m.base_p.flatten(), m.base_lambda.flatten()]) for m in modules]
 

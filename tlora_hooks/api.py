@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import weakref
 from typing import Any, Callable, Collection
 
-from torch import nn
-
-from .conventions import (
-    ConventionChoice,
-    TimestepFn,
-    TimestepReader,
-    convention_for,
-    for_timestep_fn,
-    known_denoiser_classes,
-)
-from .discovery import find_denoisers, is_pipeline, pipeline_modules, scheduler_attribute, unwrap
+from .call_rank import CallRank
+from .conventions import TimestepFn, plan_timestep_reading
+from .discovery import components_of, find_denoisers, is_pipeline, scheduler_attribute
 from .errors import TLoRAError
 from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group
 from .logging_utils import get_logger
-from .modes import build_path, check_mode
+from .modes import build_mode, check_mode
 from .schedule import RankSchedule
 
 logger = get_logger(__name__)
@@ -40,16 +31,30 @@ def enable_tlora(
 ) -> TLoRAHandle:
     """Mask the T-LoRA ranks by timestep on every denoiser call of a stock Diffusers pipeline.
 
-    `target` is a pipeline or a bare denoiser. `max_rank`, `min_rank` and `alpha` are the LyCORIS
-    `linear_dim`, `tlora_min_rank` and `tlora_alpha` the adapter was trained with (`max_rank=None`
-    reads it from the modules). `timestep_fn(module, args, kwargs)` overrides where the timestep is
-    read from: it returns the noise-ward timestep (num_train_timesteps = pure noise) and takes
-    precedence over the convention table, whose scheduler-side map still snaps it. `scheduler`
-    overrides the scheduler whose `timesteps` received values are snapped to (for a bare denoiser
-    there is none otherwise).
-    `components` limits a pipeline to the named denoisers (e.g. `["transformer_2"]`), leaving the others' hooks alone.
-    Enabling again replaces the previous hooks. Returns a handle; `handle.remove()` or
-    `disable_tlora(target)` undoes everything.
+    Every denoiser holding applied LyCORIS T-LoRA modules gets a forward pre-hook that reads the call's timestep,
+    snaps it to the scheduler's schedule and sets the mask of the rank T-LoRA was trained with at that timestep.
+    Enabling again replaces the previous hooks; a failed call leaves the pipeline as it was.
+
+    Args:
+        target: A Diffusers pipeline, or a bare denoiser `nn.Module`.
+        max_rank: The LyCORIS `linear_dim` the adapter was trained with; None reads it from the modules.
+        min_rank: The LyCORIS `tlora_min_rank`: ranks kept at pure noise.
+        alpha: The LyCORIS `tlora_alpha`, the schedule's exponent: rank = ((T - t) / T) ** alpha * (max_rank -
+            min_rank) + min_rank, rounded down.
+        mode: How the masked forward runs: `"auto"` (`"fold"` where the weights are plain float layers with no
+            offloading hook and the device has room for a copy of them, else `"low_memory"`), `"fold"`,
+            `"low_memory"` or `"lycoris"` (LyCORIS's own forward, the reference). All give LyCORIS's output; they
+            differ in speed and memory.
+        timestep_fn: `(module, args, kwargs) -> timestep` for a denoiser the convention table does not know, or
+            calls it misreads: returns the noise-ward timestep (num_train_timesteps = pure noise). It replaces
+            the table's reading and mapping; the table's scheduler-side map still snaps the value.
+        scheduler: The scheduler whose `timesteps` received values are snapped to, and whose `num_train_timesteps`
+            is T; defaults to the pipeline's (read on every call, so swapping `pipe.scheduler` is followed). A bare
+            denoiser has none otherwise.
+        components: Only these denoisers of a pipeline (e.g. `["transformer_2"]`), leaving the others' hooks alone.
+
+    Returns:
+        A `TLoRAHandle`; `handle.remove()` or `disable_tlora(target)` undoes everything.
     """
     check_mode(mode)
     if timestep_fn is not None and not callable(timestep_fn):
@@ -65,7 +70,7 @@ def enable_tlora(
     schedule = _schedule_for(found, max_rank, min_rank, alpha)
     pipeline = target if is_pipeline(target) else None
     plans = {
-        name: _plan(name, denoiser, pipeline, timestep_fn)
+        name: plan_timestep_reading(name, denoiser, pipeline, timestep_fn)
         for name, (denoiser, _) in found.items()
     }
     # Everything is validated: from here on the pipeline changes.
@@ -81,11 +86,10 @@ def enable_tlora(
         hooks[name] = DenoiserHook(
             name=name,
             denoiser=denoiser,
-            schedule=schedule,
-            convention=convention,
+            call_rank=CallRank(name, schedule, convention),
             read_timestep=reader,
             scheduler_source=_scheduler_source(pipeline, name, scheduler),
-            path=build_path(mode, modules, next_mask_group(), denoiser=denoiser),
+            mode=build_mode(mode, modules, next_mask_group(), denoiser=denoiser),
         )
         if convention.video:
             _warn_video_once()
@@ -93,23 +97,22 @@ def enable_tlora(
         "T-LoRA enabled on %s: ranks %d..%d, alpha %s, mode %s",
         ", ".join(f"{name} ({len(found[name][1])} modules)" for name in hooks),
         schedule.min_rank, schedule.max_rank, schedule.alpha,
-        ", ".join(sorted({hook.path.name for hook in hooks.values()})),
+        ", ".join(sorted({hook.mode.name for hook in hooks.values()})),
     )
     return TLoRAHandle(hooks)
 
 
 def disable_tlora(target: Any) -> None:
-    """Remove what `enable_tlora` installed on a pipeline or denoiser; a no-op where nothing is installed."""
-    if isinstance(target, nn.Module):
-        modules = [target]
-    elif is_pipeline(target):
-        modules = list(pipeline_modules(target).values())
-    else:
-        raise TLoRAError(
-            f"disable_tlora expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}."
-        )
-    for module in modules:
-        hook = installed_hook(unwrap(module))
+    """Remove what `enable_tlora` installed on a pipeline or denoiser; a no-op where nothing is installed.
+
+    The T-LoRA modules stay applied and run unmasked (all ranks), as LyCORIS runs them with no mask set;
+    `unload_tlora` removes what `load_tlora` loaded.
+
+    Args:
+        target: The pipeline, or the denoiser, `enable_tlora` was called on.
+    """
+    for module in components_of(target).values():
+        hook = installed_hook(module)
         if hook is not None:
             hook.remove()
 
@@ -141,36 +144,6 @@ def _schedule_for(found: dict, max_rank: int | None, min_rank: int, alpha: float
     if len(ranks) > 1:
         logger.info("T-LoRA modules have ranks %s; smaller ones use the first ranks of the mask, as in training", ranks)
     return schedule
-
-
-def _plan(
-    name: str, denoiser: nn.Module, pipeline: Any, timestep_fn: TimestepFn | None
-) -> tuple[ConventionChoice, Callable]:
-    """The convention and timestep reader for one denoiser; raises for an unknown or unsupported class.
-
-    `timestep_fn` takes precedence over every row: its value is the noise-ward timestep.
-    """
-    convention = convention_for(denoiser, pipeline)
-    if timestep_fn is not None:
-        return for_timestep_fn(convention), timestep_fn
-    if convention is not None and convention.default.unsupported:
-        raise TLoRAError(f"T-LoRA cannot be enabled on {name}: {convention.default.unsupported}")
-    if convention is None:
-        cls = type(denoiser).__name__
-        raise TLoRAError(
-            f"No timestep convention is known for denoiser class {cls} ({name}). Pass "
-            "`timestep_fn=lambda module, args, kwargs: <timestep on the scheduler's scale>` to enable_tlora, "
-            f"or register one with tlora_hooks.register_convention({cls!r}, param=..., to_timestep=...). "
-            f"Known classes: {', '.join(known_denoiser_classes())}."
-        )
-    parameters = inspect.signature(type(denoiser).forward).parameters
-    takes_any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    if convention.param not in parameters and not takes_any_keyword:
-        raise TLoRAError(
-            f"The convention for {type(denoiser).__name__} reads `{convention.param}`, but its forward has no such "
-            "parameter. Register the right one with register_convention(...) or pass timestep_fn=."
-        )
-    return convention, TimestepReader.for_module(denoiser, convention.param)
 
 
 def _scheduler_source(pipeline: Any, component: str, scheduler: Any) -> Callable[[], Any]:

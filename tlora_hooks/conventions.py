@@ -131,15 +131,11 @@ class TimestepConvention:
         to_timestep = self.to_timestep
         return dataclasses.replace(self, to_timestep=lambda value: to_timestep(value / scale), divide_by_config=None)
 
-    def for_scheduler(self, scheduler: Any) -> "TimestepConvention":
-        """A single row does not depend on the scheduler (see `ConventionChoice`)."""
-        return self
-
 
 @functools.lru_cache(maxsize=None)
-def _mro_names(cls: type) -> frozenset[str]:
-    """Class names along an MRO; cached because scheduler rows are matched on every denoiser call."""
-    return frozenset(c.__name__ for c in cls.__mro__)
+def _mro_names(cls: type) -> tuple[str, ...]:
+    """Class names along an MRO, most specific first; cached because scheduler rows are matched on every call."""
+    return tuple(c.__name__ for c in cls.__mro__)
 
 
 @dataclass(frozen=True)
@@ -243,10 +239,9 @@ _CONVENTIONS: dict[str, TimestepConvention] = {
     ),
     "CosmosTransformer3DModel": TimestepConvention(
         video=True,
-        note="depends on the pipeline: see the Cosmos 1 / 2 / 2.5 pipeline rows",
-        unsupported="CosmosTransformer3DModel receives a different timestep in each Cosmos pipeline (1.0: EDM "
-        "c_noise; 2: sigma/(sigma+1); 2.5: the flow sigma), so a bare transformer is ambiguous. Enable T-LoRA on the "
-        "Cosmos pipeline, or pass timestep_fn= to enable_tlora.",
+        note="depends on the pipeline (1.0: EDM c_noise; 2: sigma/(sigma+1); 2.5: the flow sigma): see the Cosmos "
+        "pipeline rows",
+        unsupported="each Cosmos pipeline passes a different timestep; enable on the pipeline or pass timestep_fn=",
     ),
 }
 
@@ -297,13 +292,27 @@ def register_convention(
     pipeline: type | str | None = None,
     scheduler: type | str | None = None,
 ) -> TimestepConvention:
-    """Teach the library a denoiser class it does not know (or override a row).
+    """Teach the library a denoiser class it does not know (or override a row). Takes effect at the next
+    `enable_tlora`; rows match subclasses too.
 
-    `to_timestep` maps the received value (a float32 tensor) to the noise-ward scheduler timestep
-    (num_train_timesteps = pure noise); `reduce` turns per-token values into one; `schedule_to_timestep`
-    maps `scheduler.timesteps` to the same scale for snapping. `pipeline` or `scheduler` (a class or
-    its name) narrows the row to that pipeline, or refines the class's row for that scheduler.
-    Takes effect at the next `enable_tlora`.
+    Args:
+        cls_or_name: The denoiser class, or its name (no import needed).
+        param: The denoiser's forward parameter that holds the timestep (found by keyword or position).
+        to_timestep: Maps the received value (a float32 tensor) to the noise-ward timestep on the scheduler's
+            scale (num_train_timesteps = pure noise, 0 = clean), e.g. `lambda t: t * 1000` for a pipeline that
+            passes t / 1000. The rank is computed from this value, as T-LoRA training computes it.
+        reduce: `"max"`, `"min"` or `"mean"`: how per-token or per-frame values become one; `"max"` keys the
+            rank on the noisiest token, the generated ones (conditioning tokens get 0).
+        schedule_to_timestep: Maps `scheduler.timesteps` to the same scale, so a received value rounded by its
+            dtype (bf16 t / 1000) can be snapped back to the step it came from.
+        video: Whether the denoiser is a video model (enabling warns that T-LoRA on video is experimental).
+        pipeline: A pipeline class or name: the row applies only inside that pipeline (where the pipeline, not
+            the denoiser, decides what is passed, as in Cosmos).
+        scheduler: A scheduler class or name: the row refines the class's row while the pipeline holds that
+            scheduler (EDM schedulers pass c_noise). Not together with `pipeline`.
+
+    Returns:
+        The registered row.
     """
     if pipeline is not None and scheduler is not None:
         raise TLoRAError("register_convention takes pipeline= or scheduler=, not both.")
@@ -321,15 +330,11 @@ def register_convention(
     return convention
 
 
-def _class_names(obj: Any) -> list[str]:
-    return [cls.__name__ for cls in type(obj).__mro__]
-
-
 def convention_for(denoiser: nn.Module, pipeline: Any = None) -> ConventionChoice | None:
     """The rows for this denoiser (and pipeline), in the documented lookup order; None if no row knows it."""
-    denoiser_names = _class_names(denoiser)
+    denoiser_names = _mro_names(type(denoiser))
     if pipeline is not None:
-        for pipeline_name in _class_names(pipeline):
+        for pipeline_name in _mro_names(type(pipeline)):
             for denoiser_name in denoiser_names:
                 if (pipeline_name, denoiser_name) in _PIPELINE_CONVENTIONS:
                     return ConventionChoice(_PIPELINE_CONVENTIONS[(pipeline_name, denoiser_name)].bound_to(denoiser))
@@ -366,6 +371,37 @@ def for_timestep_fn(choice: ConventionChoice | None) -> ConventionChoice:
     if choice is None:
         return ConventionChoice(TimestepConvention(note="timestep_fn"))
     return ConventionChoice(own(choice.default), tuple((match, own(row)) for match, row in choice.by_scheduler))
+
+
+def plan_timestep_reading(
+    name: str, denoiser: nn.Module, pipeline: Any = None, timestep_fn: TimestepFn | None = None
+) -> tuple[ConventionChoice, TimestepFn]:
+    """The convention rows and the timestep reader for one denoiser; raises for an unknown or unsupported class.
+
+    `timestep_fn` takes precedence over every row: its value is the noise-ward timestep. `name` (the component)
+    is for the messages.
+    """
+    convention = convention_for(denoiser, pipeline)
+    if timestep_fn is not None:
+        return for_timestep_fn(convention), timestep_fn
+    if convention is not None and convention.default.unsupported:
+        raise TLoRAError(f"T-LoRA cannot be enabled on {name}: {convention.default.unsupported}")
+    if convention is None:
+        cls = type(denoiser).__name__
+        raise TLoRAError(
+            f"No timestep convention is known for denoiser class {cls} ({name}). Pass "
+            "`timestep_fn=lambda module, args, kwargs: <timestep on the scheduler's scale>` to enable_tlora, "
+            f"or register one with tlora_hooks.register_convention({cls!r}, param=..., to_timestep=...). "
+            f"Known classes: {', '.join(known_denoiser_classes())}."
+        )
+    parameters = inspect.signature(type(denoiser).forward).parameters
+    takes_any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    if convention.param not in parameters and not takes_any_keyword:
+        raise TLoRAError(
+            f"The convention for {type(denoiser).__name__} reads `{convention.param}`, but its forward has no such "
+            "parameter. Register the right one with register_convention(...) or pass timestep_fn=."
+        )
+    return convention, TimestepReader.for_module(denoiser, convention.param)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,16 @@ def pipeline_modules(pipeline: Any) -> dict[str, nn.Module]:
     return modules
 
 
+def components_of(target: Any) -> dict[str, nn.Module]:
+    """The modules a pipeline or a bare denoiser offers, unwrapped from `torch.compile`: a pipeline's `nn.Module`
+    components by attribute name, or the denoiser itself by its class name. Raises for anything else."""
+    if isinstance(target, nn.Module):
+        return {type(unwrap(target)).__name__: unwrap(target)}
+    if is_pipeline(target):
+        return {name: unwrap(module) for name, module in pipeline_modules(target).items()}
+    raise TLoRAError(f"T-LoRA expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}.")
+
+
 def applied_tlora_modules(denoiser: nn.Module) -> list[TLoraModule]:
     """T-LoRA modules that LyCORIS `apply_to()` put in this module's forward path."""
     found = []
@@ -91,23 +101,16 @@ def find_denoisers(target: Any) -> dict[str, tuple[nn.Module, list[TLoraModule]]
 
     Raises TLoRAError when there are none, naming what was seen.
     """
-    if isinstance(target, nn.Module):
-        components = {type(unwrap(target)).__name__: target}
-    elif is_pipeline(target):
-        components = pipeline_modules(target)
-    else:
-        raise TLoRAError(
-            f"enable_tlora expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}."
-        )
+    components = components_of(target)
     found = {}
     for name, module in components.items():
         modules = applied_tlora_modules(module)
         if modules:
-            found[name] = (unwrap(module), modules)
+            found[name] = (module, modules)
     if not found:
         where = f"this {type(target).__name__}"
         detached = sum(len(detached_tlora_modules(m)) for m in components.values())
-        raise no_modules_error(where, [f"{n} ({type(unwrap(m)).__name__})" for n, m in components.items()], detached)
+        raise no_modules_error(where, [f"{n} ({type(m).__name__})" for n, m in components.items()], detached)
     return found
 
 

@@ -16,9 +16,10 @@ from lycoris import LycorisNetwork
 from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
-from .api import _plan, enable_tlora
+from .api import enable_tlora
 from .base_cache import CacheArgument, cache_folder, check_cache_argument, fill_base_terms
-from .discovery import applied_tlora_modules, is_pipeline, pipeline_modules, unwrap
+from .conventions import plan_timestep_reading
+from .discovery import applied_tlora_modules, components_of, is_pipeline
 from .errors import TLoRAError
 from .formats import ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
 from .hooks import TLoRAHandle, installed_hook
@@ -29,18 +30,19 @@ from .schedule import RankSchedule
 
 logger = get_logger(__name__)
 
-LOADED_ATTRIBUTE = "_tlora_hooks_loaded"
+LOAD_RECORD_ATTRIBUTE = "_tlora_hooks_loaded"
 
 
-class LoadedTLoraModule(TLoraModule):
-    """LyCORIS's TLoraModule, with its forward and mask API, built without the per-module SVD: `load_tlora` fills it."""
+class TLoraModuleWithoutSvd(TLoraModule):
+    """LyCORIS's TLoraModule, with its forward and mask API, built without its per-module SVD (and `gc.collect()`):
+    `load_tlora` fills it from the file or the batched rebuild."""
 
     def _initialize_from_svd(self, org_module: nn.Module, in_dim: int, out_dim: int, flat_in_dim: int) -> None:
         """Keep the freshly allocated tensors; the file (or the batched rebuild) provides every value."""
 
 
 @dataclass
-class LoadedTLoRA:
+class LoadRecord:
     """What `load_tlora` put on one denoiser, kept on it so `unload_tlora` can undo exactly that."""
 
     network: LycorisNetwork
@@ -84,16 +86,30 @@ def load_tlora(
 ) -> TLoRAHandle:
     """Load a T-LoRA file onto a pipeline (or a bare denoiser) and mask it by timestep on every denoiser call.
 
-    Reads LyCORIS/SimpleTuner and the official ControlGenAI formats (detected from the keys). The rank comes from
-    the tensors; `min_rank` and `alpha` (`tlora_min_rank`, `tlora_alpha`) from SimpleTuner's metadata unless passed.
-    `multiplier` scales the adapter. `strict=True` makes any key that matches no layer an error. `component` picks
-    the denoiser when several fit (Wan 2.2's two experts). `mode`, `timestep_fn`, `scheduler` go to `enable_tlora`.
-    `cache_base` keeps the base terms rebuilt from the model's weights (LyCORIS files save none), keyed by the file's
-    and the weights' hashes, so the next load of the same file onto the same weights reads them instead of
-    rebuilding: True puts the cache beside the file, a path in that folder. Off by default: the file's folder may be
-    read-only or shared. A cache that cannot be read or written warns and rebuilds; it never fails the load.
-    Loading again replaces what was loaded on that denoiser. Returns `enable_tlora`'s handle; `unload_tlora(target)`
-    removes the modules and the hooks. A failed call changes nothing.
+    The file becomes LyCORIS T-LoRA modules applied (never merged) to the matching layers, then `enable_tlora` hooks
+    the denoiser. Loading again replaces what was loaded on that denoiser; a failed call changes nothing.
+
+    Args:
+        target: A Diffusers pipeline, or a bare denoiser `nn.Module`.
+        path: A `.safetensors` file or a torch checkpoint (the official FLUX `lora.pt`), or a trainer's folder
+            holding one: LyCORIS/SimpleTuner's `algo="tlora"` layout or the official ControlGenAI processors
+            (detected from the keys). Its tensors give the rank.
+        min_rank: The `tlora_min_rank` it was trained with; default: SimpleTuner's metadata in the file, else 1
+            with a warning (the file does not say).
+        alpha: The `tlora_alpha` it was trained with; default: the file's metadata, else 1.0 with a warning.
+        multiplier: The adapter strength, as LyCORIS's `multiplier`.
+        strict: Make any key that matches no layer an error (default: skipped with a warning).
+        mode: The masked forward's mode, as in `enable_tlora`.
+        component: The pipeline attribute to load into, where several denoisers fit (Wan 2.2's two experts).
+        timestep_fn: As in `enable_tlora`.
+        scheduler: As in `enable_tlora`.
+        cache_base: Keep the base terms rebuilt from the model's weights (LyCORIS files save none), keyed by the
+            file's and the weights' hashes, so the next load of the same file onto the same weights reads them
+            instead of rebuilding: True puts the cache beside the file, a path in that folder. Off by default: the
+            file's folder may be read-only or shared. A cache that cannot be read or written warns and rebuilds.
+
+    Returns:
+        `enable_tlora`'s `TLoRAHandle`; `unload_tlora(target)` removes the modules and the hooks.
     """
     check_mode(mode)
     check_cache_argument(cache_base)
@@ -110,8 +126,8 @@ def load_tlora(
     _refuse_foreign_modules(match)
     pipeline = target if is_pipeline(target) else None
     if timestep_fn is None:
-        _plan(match.component, match.denoiser, pipeline, None)  # an unknown denoiser class fails before the work
-    loaded = LoadedTLoRA(
+        plan_timestep_reading(match.component, match.denoiser, pipeline)  # an unknown class fails before the work
+    record = LoadRecord(
         network=_build_on_pristine_weights(
             target, match, tlora_file, multiplier, cache_folder(cache_base, tlora_file.path)
         ),
@@ -122,7 +138,7 @@ def load_tlora(
             timestep_fn=timestep_fn, scheduler=scheduler,
         ),
     )
-    handle = _swap_in(target, match, loaded)
+    handle = _swap_in(target, match, record)
     logger.info(
         "Loaded %s (%s) onto %s: %d modules, rank %d, min_rank %d, alpha %s, multiplier %s",
         tlora_file.path, tlora_file.format, match.component, len(match.layers),
@@ -132,19 +148,17 @@ def load_tlora(
 
 
 def unload_tlora(target: Any) -> None:
-    """Remove what `load_tlora` put on a pipeline or denoiser (modules and hooks); a no-op where nothing is loaded."""
-    if isinstance(target, nn.Module):
-        denoisers = [unwrap(target)]
-    elif is_pipeline(target):
-        denoisers = [unwrap(module) for module in pipeline_modules(target).values()]
-    else:
-        raise TLoRAError(
-            f"unload_tlora expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}."
-        )
-    for denoiser in denoisers:
-        loaded = denoiser.__dict__.get(LOADED_ATTRIBUTE)
-        if loaded is not None:
-            _remove(denoiser, loaded)
+    """Remove what `load_tlora` put on a pipeline or denoiser (modules and hooks); a no-op where nothing is loaded.
+
+    The layers get their own forwards back exactly, as before `load_tlora`.
+
+    Args:
+        target: The pipeline, or the denoiser, `load_tlora` was called on.
+    """
+    for denoiser in components_of(target).values():
+        record = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
+        if record is not None:
+            _remove(denoiser, record)
 
 
 def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: float | None) -> RankSchedule:
@@ -177,8 +191,8 @@ def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: flo
 
 def _refuse_foreign_modules(match: Match) -> None:
     """Stacking on T-LoRA modules applied by hand would put two adapters under one mask group."""
-    loaded = match.denoiser.__dict__.get(LOADED_ATTRIBUTE)
-    ours = {id(lora) for lora in loaded.network.loras} if loaded is not None else set()
+    record = match.denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
+    ours = {id(lora) for lora in record.network.loras} if record is not None else set()
     foreign = [module for module in applied_tlora_modules(match.denoiser) if id(module) not in ours]
     if foreign:
         raise TLoRAError(
@@ -190,9 +204,9 @@ def _refuse_foreign_modules(match: Match) -> None:
 def _build_on_pristine_weights(
     target: Any, match: Match, tlora_file: TLoraFile, multiplier: float, cache: str | None
 ) -> LycorisNetwork:
-    """Build with the hooks of an earlier load removed: a fold path keeps that adapter's delta in the weights
+    """Build with the hooks of an earlier load removed: the fold mode keeps that adapter's delta in the weights
     between calls, and the base rebuild must see the model's own weights. On failure the earlier hooks come back."""
-    previous = match.denoiser.__dict__.get(LOADED_ATTRIBUTE)
+    previous = match.denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
     hook = installed_hook(match.denoiser)
     if hook is not None:
         hook.remove()
@@ -223,14 +237,14 @@ def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float, cache
     return network
 
 
-def _allocate(key: str, layer: nn.Module, weights: ModuleWeights, multiplier: float) -> LoadedTLoraModule:
+def _allocate(key: str, layer: nn.Module, weights: ModuleWeights, multiplier: float) -> TLoraModuleWithoutSvd:
     """Built on the meta device, then given uninitialised memory: nothing is computed that the file overwrites."""
     with torch.device("meta"):
-        module = LoadedTLoraModule(key, layer, multiplier=multiplier, lora_dim=weights.rank, alpha=weights.alpha)
+        module = TLoraModuleWithoutSvd(key, layer, multiplier=multiplier, lora_dim=weights.rank, alpha=weights.alpha)
     return module.to_empty(device=layer.weight.device)
 
 
-def _fill(module: LoadedTLoraModule, weights: ModuleWeights) -> None:
+def _fill(module: TLoraModuleWithoutSvd, weights: ModuleWeights) -> None:
     module.q_layer.weight.copy_(weights.q.reshape(module.q_layer.weight.shape))
     module.p_layer.weight.copy_(weights.p.reshape(module.p_layer.weight.shape))
     module.lambda_layer.copy_(weights.lam.reshape(module.lambda_layer.shape))
@@ -242,34 +256,34 @@ def _fill(module: LoadedTLoraModule, weights: ModuleWeights) -> None:
         module.base_lambda.copy_(weights.base.lam.reshape(module.base_lambda.shape))
 
 
-def _swap_in(target: Any, match: Match, loaded: LoadedTLoRA) -> TLoRAHandle:
+def _swap_in(target: Any, match: Match, record: LoadRecord) -> TLoRAHandle:
     """Replace what was loaded on this denoiser; on any failure put the previous state back."""
     denoiser = match.denoiser
-    previous = denoiser.__dict__.get(LOADED_ATTRIBUTE)
+    previous = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
     if previous is not None:
         _remove(denoiser, previous)
-    loaded.attach()
+    record.attach()
     try:
-        handle = _enable(target, match.component, loaded)
+        handle = _enable(target, match.component, record)
     except BaseException:
-        loaded.detach()
+        record.detach()
         if previous is not None:
             previous.attach()
             _enable(target, match.component, previous)
-            denoiser.__dict__[LOADED_ATTRIBUTE] = previous
+            denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = previous
         raise
-    denoiser.__dict__[LOADED_ATTRIBUTE] = loaded
+    denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = record
     return handle
 
 
-def _enable(target: Any, component: str, loaded: LoadedTLoRA) -> TLoRAHandle:
+def _enable(target: Any, component: str, record: LoadRecord) -> TLoRAHandle:
     components = {"components": [component]} if is_pipeline(target) else {}
-    return enable_tlora(target, **loaded.enable_kwargs, **components)
+    return enable_tlora(target, **record.enable_kwargs, **components)
 
 
-def _remove(denoiser: nn.Module, loaded: LoadedTLoRA) -> None:
+def _remove(denoiser: nn.Module, record: LoadRecord) -> None:
     hook = installed_hook(denoiser)
     if hook is not None:
         hook.remove()
-    loaded.detach()
-    denoiser.__dict__.pop(LOADED_ATTRIBUTE, None)
+    record.detach()
+    denoiser.__dict__.pop(LOAD_RECORD_ATTRIBUTE, None)

@@ -7,14 +7,14 @@ from typing import Any
 
 from torch import nn
 
-from .discovery import DENOISER_SCHEDULERS, is_pipeline, pipeline_modules, unwrap
+from .discovery import DENOISER_SCHEDULERS, components_of, is_pipeline, unwrap
 from .errors import TLoRAError
 from .formats import TLoraFile
+from .formats.lycoris import lycoris_name
 from .logging_utils import get_logger
 
 logger = get_logger(__name__)
 
-LORA_PREFIX = "lycoris"
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 EXAMPLES = 3
 
@@ -31,23 +31,23 @@ class Match:
 
 def lycoris_names(denoiser: nn.Module) -> dict[str, nn.Module]:
     """Every layer by the name LyCORIS gives its module: `lycoris_<path with . -> _>`."""
-    return {f"{LORA_PREFIX}_{name}".replace(".", "_"): layer for name, layer in unwrap(denoiser).named_modules() if name}
+    return {lycoris_name(name): layer for name, layer in unwrap(denoiser).named_modules() if name}
 
 
 def candidate_denoisers(target: Any, component: str | None) -> dict[str, nn.Module]:
     """The denoisers of a pipeline (or the bare denoiser) a file may be loaded into."""
-    if isinstance(target, nn.Module):
-        if component is not None:
-            raise TLoRAError("component= names a pipeline attribute; pass the pipeline, or the denoiser without it.")
-        return {type(unwrap(target)).__name__: unwrap(target)}
+    if isinstance(target, nn.Module) and component is not None:
+        raise TLoRAError("component= names a pipeline attribute; pass the pipeline, or the denoiser without it.")
+    modules = components_of(target)
     if not is_pipeline(target):
-        raise TLoRAError(f"load_tlora expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}.")
-    modules = pipeline_modules(target)
+        return modules
     if component is not None:
         if component not in modules:
-            raise TLoRAError(f"component={component!r} is not a module of this pipeline (it has {', '.join(modules)}).")
-        return {component: unwrap(modules[component])}
-    denoisers = {name: unwrap(module) for name, module in modules.items() if name in DENOISER_SCHEDULERS}
+            raise TLoRAError(
+                f"component={component!r} is not a module of this pipeline (it has {', '.join(modules)})."
+            )
+        return {component: modules[component]}
+    denoisers = {name: module for name, module in modules.items() if name in DENOISER_SCHEDULERS}
     if not denoisers:
         raise TLoRAError(
             f"This {type(target).__name__} has no denoiser attribute ({', '.join(DENOISER_SCHEDULERS)}); "

@@ -93,17 +93,17 @@ def rebuild_base_terms(
     `workers` batches run at once (default `CUDA_WORKERS` on CUDA, 1 elsewhere; the results do not depend on it).
     """
     method = method or DEFAULT_DECOMPOSITION
-    groups: dict[tuple, list[TLoraModule]] = {}
+    by_shape: dict[tuple, list[TLoraModule]] = {}
     for module in modules:
         weight = module.org_module[0].weight
-        groups.setdefault((tuple(weight.shape), weight.device, weight.dtype, module.lora_dim), []).append(module)
-    on_cuda = any(device.type == "cuda" for _, device, _, _ in groups)
+        by_shape.setdefault((tuple(weight.shape), weight.device, weight.dtype, module.lora_dim), []).append(module)
+    on_cuda = any(device.type == "cuda" for _, device, _, _ in by_shape)
     workers = workers or (CUDA_WORKERS if on_cuda else 1)
     batches = []
-    for (shape, _, _, rank), group in groups.items():
+    for (shape, _, _, rank), same_shape in by_shape.items():
         chunk = max(1, CHUNK_BYTES // workers // _working_bytes(shape))
-        batches += [(group[start : start + chunk], rank) for start in range(0, len(group), chunk)]
-    total = sum(len(group) for group in groups.values())
+        batches += [(same_shape[start : start + chunk], rank) for start in range(0, len(same_shape), chunk)]
+    total = sum(len(same_shape) for same_shape in by_shape.values())
     disable = None if progress is None else not progress
     with tqdm(total=total, desc="T-LoRA base rebuild", unit="module", disable=disable) as bar:
 
@@ -117,7 +117,7 @@ def rebuild_base_terms(
         else:
             with ThreadPoolExecutor(workers, thread_name_prefix="tlora-rebuild") as pool:
                 list(pool.map(_on_own_stream(rebuild), batches))
-    logger.info("Rebuilt the T-LoRA base terms of %d modules in %d shape groups (%s)", total, len(groups), method)
+    logger.info("Rebuilt the T-LoRA base terms of %d modules of %d shapes (%s)", total, len(by_shape), method)
 
 
 def _working_bytes(shape: tuple[int, ...]) -> int:

@@ -18,7 +18,13 @@ from .errors import TLoRAError
 
 @dataclass(frozen=True)
 class RankSchedule:
-    """The schedule's settings, validated once: LyCORIS `linear_dim`, `tlora_min_rank`, `tlora_alpha`."""
+    """The rank schedule an adapter was trained with, validated once.
+
+    Args:
+        max_rank: The LyCORIS `linear_dim`: ranks active at t = 0 (clean).
+        min_rank: The LyCORIS `tlora_min_rank`: ranks kept at pure noise.
+        alpha: The LyCORIS `tlora_alpha`, the exponent of the curve: above 1, ranks come back later as noise falls.
+    """
 
     max_rank: int
     min_rank: int = 1
@@ -57,10 +63,17 @@ class RankSchedule:
 def rank_for_timestep(
     t: float, max_timestep: int, max_rank: int, min_rank: int = 1, alpha: float = 1.0
 ) -> int:
-    """Number of active ranks at timestep `t` (T = `max_timestep` is pure noise, 0 is clean).
+    """Number of active ranks at timestep `t`: floor(((T - t) / T) ** alpha * (max_rank - min_rank)) + min_rank.
 
     Equals `lycoris.modules.tlora.compute_timestep_mask` for every t in [0, T]. Values outside
     [0, T] are clamped, and NaN counts as pure noise, so the result is always in [min_rank, max_rank].
+
+    Args:
+        t: The timestep on the scheduler's noise-ward scale (0 = clean, T = pure noise), as training keys it.
+        max_timestep: T, the scheduler's `num_train_timesteps` (pure noise).
+        max_rank: The LyCORIS `linear_dim`.
+        min_rank: The LyCORIS `tlora_min_rank`.
+        alpha: The LyCORIS `tlora_alpha`.
     """
     if max_timestep <= 0:
         raise TLoRAError(f"max_timestep must be > 0 (the scheduler's num_train_timesteps), got {max_timestep!r}.")

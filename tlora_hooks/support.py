@@ -24,7 +24,8 @@ class Family:
     """One row of the matrix.
 
     `tests` are case ids of `tests/test_families.py` or `file.py::test_name` ids; a family with tests
-    is "tested" (the suite must pass for a merge). `unsupported` is why enabling refuses (tested too).
+    is "tested" (the suite must pass for a merge). `unsupported` is why enabling refuses a denoiser no
+    convention row knows (tested too); a row's own refusal and its video flag are read from the row.
     `scheduler` names the scheduler row (`SchedulerMatch` text) the family relies on, if any.
     """
 
@@ -32,14 +33,22 @@ class Family:
     pipelines: tuple[str, ...]
     denoisers: tuple[str, ...]
     tests: tuple[str, ...] = ()
-    video: bool = False
     scheduler: str | None = None
     unsupported: str = ""
     note: str = ""
 
     @property
+    def refusal(self) -> str:
+        """Why enabling refuses this family ("" where it does not): its own text, else its rows'."""
+        return self.unsupported or next((row.unsupported for row in self.rows() if row.unsupported), "")
+
+    @property
+    def video(self) -> bool:
+        return any(row.video for row in self.rows())
+
+    @property
     def status(self) -> str:
-        if self.unsupported:
+        if self.refusal:
             return "unsupported"
         return "tested" if self.tests else "untested"
 
@@ -100,38 +109,36 @@ FAMILIES: tuple[Family, ...] = (
        "StableCascadeUNet", "stable_cascade_prior stable_cascade_decoder stable_cascade_combined",
        note="combined pipe: `prior_prior` follows `prior_scheduler`, `decoder` follows `scheduler`"),
     # video
-    _f("CogVideoX", "CogVideoXPipeline", "CogVideoXTransformer3DModel", "cogvideox", video=True),
+    _f("CogVideoX", "CogVideoXPipeline", "CogVideoXTransformer3DModel", "cogvideox"),
     _f("CogVideoX image / video-to-video", "CogVideoXImageToVideoPipeline CogVideoXVideoToVideoPipeline",
-       "CogVideoXTransformer3DModel", video=True),
-    _f("HunyuanVideo", "HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel", "hunyuan_video_bf16", video=True),
-    _f("HunyuanVideo image-to-video", "HunyuanVideoImageToVideoPipeline", "HunyuanVideoTransformer3DModel",
-       video=True),
-    _f("Wan 2.1", "WanPipeline", "WanTransformer3DModel", "wan21", video=True),
-    _f("Wan 2.2 A14B", "WanPipeline", "WanTransformer3DModel", "wan22_a14b_both_experts", video=True,
+       "CogVideoXTransformer3DModel"),
+    _f("HunyuanVideo", "HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel", "hunyuan_video_bf16"),
+    _f("HunyuanVideo image-to-video", "HunyuanVideoImageToVideoPipeline", "HunyuanVideoTransformer3DModel"),
+    _f("Wan 2.1", "WanPipeline", "WanTransformer3DModel", "wan21"),
+    _f("Wan 2.2 A14B", "WanPipeline", "WanTransformer3DModel", "wan22_a14b_both_experts",
        note="both experts hooked: `transformer` above boundary_ratio x 1000, `transformer_2` below"),
-    _f("Wan 2.2 TI2V-5B", "WanPipeline", "WanTransformer3DModel", "wan22_ti2v_per_token", video=True),
-    _f("Wan image-to-video", "WanImageToVideoPipeline", "WanTransformer3DModel", video=True),
+    _f("Wan 2.2 TI2V-5B", "WanPipeline", "WanTransformer3DModel", "wan22_ti2v_per_token"),
+    _f("Wan image-to-video", "WanImageToVideoPipeline", "WanTransformer3DModel"),
     _f("LTX-Video", "LTXPipeline LTXImageToVideoPipeline LTXConditionPipeline", "LTXVideoTransformer3DModel",
-       "ltx_t2v ltx_i2v_per_token ltx_condition_per_token", video=True),
-    _f("Mochi", "MochiPipeline", "MochiTransformer3DModel", "mochi_inverted", video=True),
-    _f("Allegro", "AllegroPipeline", "AllegroTransformer3DModel", "allegro", video=True),
-    _f("SkyReels-V2", "SkyReelsV2Pipeline", "SkyReelsV2Transformer3DModel", "skyreels_v2", video=True),
+       "ltx_t2v ltx_i2v_per_token ltx_condition_per_token"),
+    _f("Mochi", "MochiPipeline", "MochiTransformer3DModel", "mochi_inverted"),
+    _f("Allegro", "AllegroPipeline", "AllegroTransformer3DModel", "allegro"),
+    _f("SkyReels-V2", "SkyReelsV2Pipeline", "SkyReelsV2Transformer3DModel", "skyreels_v2"),
     _f("SkyReels-V2 diffusion forcing", "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2Transformer3DModel",
        "skyreels_v2_df_per_frame skyreels_v2_df_async "
-       "test_conventions.py::test_diffusion_forcing_never_steps_the_pipeline_scheduler_it_snaps_to", video=True,
+       "test_conventions.py::test_diffusion_forcing_never_steps_the_pipeline_scheduler_it_snaps_to",
        note="frames are stepped by deep copies of `pipe.scheduler` that share its timesteps, so snapping reads "
        "`pipe.scheduler.timesteps`; with `ar_step > 0` frames still waiting at t = 999 hold the rank at its minimum"),
     _f("SkyReels-V2 image-to-video", "SkyReelsV2ImageToVideoPipeline SkyReelsV2DiffusionForcingImageToVideoPipeline",
-       "SkyReelsV2Transformer3DModel", video=True),
-    _f("Cosmos 1.0", "CosmosTextToWorldPipeline", "CosmosTransformer3DModel", "cosmos1_edm", video=True),
-    _f("Cosmos 1.0 video-to-world", "CosmosVideoToWorldPipeline", "CosmosTransformer3DModel", video=True),
-    _f("Cosmos 2 (Predict2)", "Cosmos2TextToImagePipeline", "CosmosTransformer3DModel", "cosmos2_t2i", video=True),
-    _f("Cosmos 2 video-to-world", "Cosmos2VideoToWorldPipeline", "CosmosTransformer3DModel", video=True),
-    _f("Cosmos 2.5", "Cosmos2_5_PredictBasePipeline", "CosmosTransformer3DModel", "cosmos2_5", video=True),
-    _f("Cosmos 2.5 transfer", "Cosmos2_5_TransferPipeline", "CosmosTransformer3DModel", video=True),
+       "SkyReelsV2Transformer3DModel"),
+    _f("Cosmos 1.0", "CosmosTextToWorldPipeline", "CosmosTransformer3DModel", "cosmos1_edm"),
+    _f("Cosmos 1.0 video-to-world", "CosmosVideoToWorldPipeline", "CosmosTransformer3DModel"),
+    _f("Cosmos 2 (Predict2)", "Cosmos2TextToImagePipeline", "CosmosTransformer3DModel", "cosmos2_t2i"),
+    _f("Cosmos 2 video-to-world", "Cosmos2VideoToWorldPipeline", "CosmosTransformer3DModel"),
+    _f("Cosmos 2.5", "Cosmos2_5_PredictBasePipeline", "CosmosTransformer3DModel", "cosmos2_5"),
+    _f("Cosmos 2.5 transfer", "Cosmos2_5_TransferPipeline", "CosmosTransformer3DModel"),
     _f("Cosmos transformer without its pipeline", "-", "CosmosTransformer3DModel",
-       "test_conventions.py::test_a_bare_cosmos_transformer_is_ambiguous_and_refused", video=True,
-       unsupported="each Cosmos pipeline passes a different timestep; enable on the pipeline or pass timestep_fn="),
+       "test_conventions.py::test_a_bare_cosmos_transformer_is_ambiguous_and_refused"),
     _f("Any other denoiser class (Wan VACE, Framepack, LTX-2, Z-Image, ...)", "-", "-",
        "test_errors.py::test_unknown_denoiser_class_names_it_and_shows_timestep_fn "
        "test_conventions.py::test_register_convention_teaches_a_toy_denoiser",
@@ -154,7 +161,7 @@ def support_matrix(families: tuple[Family, ...] = FAMILIES) -> str:
         denoisers = ", ".join(f"`{d}`" for d in family.denoisers if d != "-") or "any"
         if family.video:
             denoisers += " (video)"
-        status = family.status if not family.unsupported else f"unsupported: {family.unsupported}"
+        status = family.status if not family.refusal else f"unsupported: {family.refusal}"
         notes = [row.note for row in family.rows() if row.note and not row.unsupported]
         notes += [family.note] if family.note else []
         if family.scheduler:

@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from .lycoris import lycoris_name
 from .state import BaseTerms, ModuleWeights, TLoraFile
 
 KEY = re.compile(r"^(?P<path>.+)\.processor\.(?P<projection>[a-z_]+?)_lora\.(?P<param>.+)$")
@@ -60,7 +61,7 @@ def read(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
             continue
         variants.add(variant)
         module_path = f"{attention}.{TARGETS[projection]}"
-        name = "lycoris_" + module_path.replace(".", "_")
+        name = lycoris_name(module_path)
         modules[name] = _module(variant, params, source_key=f"{attention}.processor.{projection}_lora")
     return TLoraFile(
         path=path, format="+".join(sorted(variants)) or "controlgenai", modules=modules, metadata=metadata,

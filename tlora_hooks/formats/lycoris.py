@@ -21,11 +21,17 @@ from .state import BaseTerms, ModuleWeights, TLoraFile, TrainingSettings
 logger = get_logger(__name__)
 
 NAME = "lycoris"
-PREFIX = "lycoris_"
+# How LyCORIS names a module (`LycorisNetwork.LORA_PREFIX` and "_"), in its files and in `network.loras`.
+KEY_PREFIX = "lycoris_"
 WEIGHT_KEYS = {"q": "q_layer.weight", "p": "p_layer.weight", "lam": "lambda_layer", "alpha": "alpha"}
 BASE_KEYS = {"q": "base_q", "p": "base_p", "lam": "base_lambda"}
 CONFIG_KEY = "lycoris_config"
 WRITER_KEY = "tlora_hooks"
+
+
+def lycoris_name(module_path: str) -> str:
+    """The name LyCORIS gives the module wrapping a layer: `lycoris_<module path with . -> _>`."""
+    return (KEY_PREFIX + module_path).replace(".", "_")
 
 
 def detect(keys: list[str]) -> bool:

@@ -1,7 +1,7 @@
 """Taking a LyCORIS T-LoRA module's delta out of its layer's forward, and putting it back exactly.
 
 LyCORIS `apply_to()` chains forwards: `layer.forward` is the outermost wrapper's `forward`, and each wrapper calls
-the previous one through `org_forward`. The fast paths must stop LyCORIS from also adding its delta, yet leave
+the previous one through `org_forward`. The fast modes must stop LyCORIS from also adding its delta, yet leave
 `_lycoris_wrappers` alone, so discovery and `mode="lycoris"` still find the module after `remove()`.
 """
 

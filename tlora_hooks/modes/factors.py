@@ -1,4 +1,4 @@
-"""The masked T-LoRA delta of one LyCORIS module as two thin factors, and which modules the fast paths take."""
+"""The masked T-LoRA delta of one LyCORIS module as two thin factors, and which modules the fast modes take."""
 
 from __future__ import annotations
 
@@ -42,11 +42,11 @@ def factor_bytes(module: TLoraModule, dtype: torch.dtype) -> int:
     return 2 * module.lora_dim * (in_features + out_features) * torch.empty((), dtype=dtype).element_size()
 
 
-def takes_fast_path(module: TLoraModule) -> bool:
+def takes_fast_mode(module: TLoraModule) -> bool:
     """Linear-like modules whose LyCORIS forward is deterministic: the others stay on LyCORIS's own forward.
 
     Convolutions keep LyCORIS's forward (its 1x1 factors are applied with the layer's stride and padding, which the
-    fast paths do not reproduce); so do modules with dropout active in training mode.
+    fast modes do not reproduce); so do modules with dropout active in training mode.
     """
     dropout_active = module.training and (module.module_dropout or not isinstance(module.dropout, nn.Identity))
     return module.module_type == "linear" and not module.isconv and not dropout_active
@@ -60,12 +60,12 @@ def foldable(module: TLoraModule) -> bool:
     """Whether the base layer is a plain floating-point `nn.Linear` whose weight can be rewritten in place.
 
     Quantized or fp8 layers, layers behind PEFT or offloading hooks (accelerate `_hf_hook`, diffusers group offload)
-    and weights on the meta device go to the low-memory path, which never touches the weight.
+    and weights on the meta device go to the low_memory mode, which never touches the weight.
     """
     layer = base_layer(module)
     weight = getattr(layer, "weight", None)
     return (
-        takes_fast_path(module)
+        takes_fast_mode(module)
         and type(layer) is nn.Linear
         and module.peft_wrapper is None
         and type(weight) is nn.Parameter

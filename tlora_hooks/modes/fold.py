@@ -1,8 +1,8 @@
-"""Fold path: before each denoiser call, write W = W0 + B·diag([m, m])·A into every targeted weight, then run the
+"""Fold mode: before each denoiser call, write W = W0 + B·diag([m, m])·A into every targeted weight, then run the
 plain layers.
 
 Same-shaped weights are stacked: each layer's weight becomes a view of one (G, out, in) tensor, so one `baddbmm`
-per shape group refolds them all, a fixed number of kernels per call whatever the number of modules, with no
+per stack refolds them all, a fixed number of kernels per call whatever the number of modules, with no
 Python per module and no host sync. The extra memory is one copy W0 of the folded weights plus the factors.
 `remove()` writes W0 back: the weights come back bit-identical, each in its own storage. On CUDA with bf16/fp16
 weights a fused Triton kernel (`fold_kernel`) reads W0 and writes W once, where it times faster than `baddbmm`.
@@ -21,13 +21,14 @@ from ..logging_utils import get_logger
 from . import fold_kernel
 from .chain import ChainLink
 from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
-from .grouped import GroupedPath
+from .stacked import StackedMode
 
 logger = get_logger(__name__)
 
 
-class FoldGroup:
-    """Layers whose weights share device, dtype, shape and T-LoRA rank, folded by one batched matmul."""
+class FoldStack:
+    """Layers whose weights share device, dtype, shape and T-LoRA rank, stacked into one tensor and folded by one
+    batched matmul."""
 
     def __init__(self, modules: list[TLoraModule]) -> None:
         self.modules = modules
@@ -41,7 +42,7 @@ class FoldGroup:
     def _adopt(self, stacked: torch.Tensor) -> None:
         """Point every layer's weight at a slice of `stacked` (a fresh stack of the unmodified weights); keep W0.
 
-        Repointing first frees the layers' own tensors before W0 is copied: the peak is one extra group.
+        Repointing first frees the layers' own tensors before W0 is copied: the peak is one extra stack.
         """
         self.weights = stacked
         for layer, weight in zip(self.layers, stacked):
@@ -74,7 +75,7 @@ class FoldGroup:
         return sum(t.numel() * t.element_size() for t in (self.base, self.a, self.b))
 
     def fold(self, doubled_mask: torch.Tensor) -> None:
-        """W = W0 + B·diag(doubled_mask)·A for every layer of the group, in place."""
+        """W = W0 + B·diag(doubled_mask)·A for every layer of the stack, in place."""
         if self.fused is not None:
             fold_kernel.fused_fold(
                 self.base, self.b, self.a, doubled_mask, self.previous_mask, self.weights, self.fused
@@ -103,7 +104,7 @@ class FoldGroup:
             self._adopt(self.base.to(first.device, first.dtype, copy=True))
 
     def restore(self) -> None:
-        """Give every layer its original weight back, bit for bit, in its own storage (peak: one extra group)."""
+        """Give every layer its original weight back, bit for bit, in its own storage (peak: one extra stack)."""
         for layer, original in zip(self.layers, self.base):
             if layer.weight.device == original.device and layer.weight.dtype == original.dtype:
                 layer.weight.data = original  # drop the view of the folded stack first
@@ -114,7 +115,7 @@ class FoldGroup:
         self.base = self.a = self.b = None
 
 
-class FoldPath(GroupedPath):
+class FoldMode(StackedMode):
     """Folds the masked delta into the weights once per denoiser call; the layers then run at plain speed.
 
     Extra memory: one copy of every folded weight, plus the stacked factors.
@@ -125,7 +126,7 @@ class FoldPath(GroupedPath):
     def __init__(self, modules: list[TLoraModule], group_id: int) -> None:
         self.group_id = group_id
         self.links: list[ChainLink] = []
-        self.groups: list[FoldGroup] = []
+        self.stacks: list[FoldStack] = []
         try:
             for module in modules:
                 link = ChainLink.unlink(module)
@@ -137,37 +138,37 @@ class FoldPath(GroupedPath):
                 weight = base_layer(module).weight
                 by_key[(weight.device, weight.dtype, tuple(weight.shape), module.lora_dim)].append(module)
             for members in by_key.values():
-                self.groups.append(FoldGroup(members))
+                self.stacks.append(FoldStack(members))
         except BaseException:
             self.remove()
             raise
         logger.debug(
-            "T-LoRA fold: %d layers in %d shape groups (%d by the fused kernel), %.2f GiB extra.",
-            len(modules), len(self.groups), sum(group.fused is not None for group in self.groups),
+            "T-LoRA fold: %d layers in %d stacks (%d by the fused kernel), %.2f GiB extra.",
+            len(modules), len(self.stacks), sum(stack.fused is not None for stack in self.stacks),
             self.extra_memory_bytes / 2**30,
         )
 
     @property
     def mask_dtype(self) -> torch.dtype:
-        return self.groups[0].dtype if self.groups else torch.float32
+        return self.stacks[0].dtype if self.stacks else torch.float32
 
     def set_mask(self, mask: torch.Tensor) -> None:
         doubled: dict[tuple, torch.Tensor] = {}
         with torch.no_grad():
-            for group in self.groups:
-                group.follow_moved_weights()
-                key = (group.rank, group.device, group.dtype)
+            for stack in self.stacks:
+                stack.follow_moved_weights()
+                key = (stack.rank, stack.device, stack.dtype)
                 if key not in doubled:
-                    doubled[key] = doubled_mask(mask, group.rank).to(group.device, group.dtype)
-                group.fold(doubled[key])
+                    doubled[key] = doubled_mask(mask, stack.rank).to(stack.device, stack.dtype)
+                stack.fold(doubled[key])
 
     def clear_mask(self) -> None:
         """Nothing to do: the next call refolds, and `remove()` restores W0."""
 
     def remove(self) -> None:
         with torch.no_grad():
-            for group in self.groups:
-                group.restore()
+            for stack in self.stacks:
+                stack.restore()
         for link in self.links:
             link.relink()
-        self.groups, self.links = [], []
+        self.stacks, self.links = [], []

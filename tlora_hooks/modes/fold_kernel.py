@@ -5,9 +5,9 @@ byte. This kernel reads W0 and writes W once (2 bytes, the floor of any fold), w
 registers in fp32. It also compares the mask with the one it last folded (a device buffer, no host sync) and then
 loads and stores nothing, so a second call with the same rank (true CFG, skip-layer passes) costs almost nothing.
 
-Used only for bf16/fp16 weights on CUDA when Triton imports. At enable time each shape group times `baddbmm` and
+Used only for bf16/fp16 weights on CUDA when Triton imports. At enable time each stack times `baddbmm` and
 every tile configuration that passes a self-check against it, on its own device, and folds with the fastest: the
-first H200 run showed the untuned kernel slower than `baddbmm`, so the kernel has to earn its place per group.
+first H200 run showed the untuned kernel slower than `baddbmm`, so the kernel has to earn its place per stack.
 Anything else, or `TLORA_HOOKS_FUSED_FOLD=0`, uses `baddbmm`.
 """
 
@@ -104,9 +104,9 @@ def self_check(base: torch.Tensor, b: torch.Tensor, a: torch.Tensor, config: tup
 def fastest_config(
     base: torch.Tensor, b: torch.Tensor, a: torch.Tensor, weights: torch.Tensor
 ) -> tuple[int, int, int, int] | None:
-    """The tile configuration that folds this group fastest on its device, or None where `baddbmm` is faster.
+    """The tile configuration that folds this stack fastest on its device, or None where `baddbmm` is faster.
 
-    Runs once per group at enable time (it synchronises the device); leaves `weights` equal to `base`.
+    Runs once per stack at enable time (it synchronises the device); leaves `weights` equal to `base`.
     """
     if interpreted():
         return INTERPRETER_CONFIG if self_check(base, b, a, INTERPRETER_CONFIG) else None

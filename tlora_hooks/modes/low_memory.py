@@ -1,8 +1,8 @@
-"""Low-memory path: y = layer(x) + (x·A_m ᵀ)·B_mᵀ, with the base layer untouched.
+"""Low-memory mode: y = layer(x) + (x·A_m ᵀ)·B_mᵀ, with the base layer untouched.
 
 It never reads or writes the base weight, so it works for fp8 or quantized layers and for weights that offloading
 hooks move, and keeps no copy of any weight. Same-shaped modules share stacked factors A (G, 2r, in) and
-B (G, out, 2r); the thinner of the two is masked once per call for the whole group (one kernel), so a layer runs
+B (G, out, 2r); the thinner of the two is masked once per call for the whole stack (one kernel), so a layer runs
 two extra matmuls and nothing else. It is reached through LyCORIS's own forward (its `bypass_mode` branch), which
 leaves the layers' forward chain alone, so hooks that wrap a layer later (sequential offload) stay in place.
 Extra memory: the factors (2r·(in + out) values per module) plus the masked copy of the thinner one
@@ -20,19 +20,19 @@ from lycoris.modules.tlora import TLoraModule
 from ..logging_utils import get_logger
 from .chain import BypassOverride
 from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
-from .grouped import GroupedPath
+from .stacked import StackedMode
 
 logger = get_logger(__name__)
 
 
 class BypassLayer:
-    """One layer's forward: its own output plus the masked low-rank delta, from views into its group's factors."""
+    """One layer's forward: its own output plus the masked low-rank delta, from views into its stack's factors."""
 
-    __slots__ = ("org_forward", "a", "b_t", "group")
+    __slots__ = ("org_forward", "a", "b_t", "stack")
 
-    def __init__(self, module: TLoraModule, group: "BypassGroup") -> None:
+    def __init__(self, module: TLoraModule, stack: "BypassStack") -> None:
         self.org_forward = module.org_forward
-        self.group = group
+        self.stack = stack
         self.a: torch.Tensor | None = None
         self.b_t: torch.Tensor | None = None  # Bᵀ, a view made once: one dispatch less per call
 
@@ -41,7 +41,7 @@ class BypassLayer:
         y = self.org_forward(x)
         a, b_t = self.a, self.b_t
         if a is None or a.dtype != x.dtype or a.device != x.device:
-            a, b_t = self.group.factors_for(self, x)
+            a, b_t = self.stack.factors_for(self, x)
         h = F.linear(x, a)
         if y.dtype == h.dtype == b_t.dtype and y.is_contiguous():  # else autocast, or a non-contiguous output
             y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_t)
@@ -49,8 +49,9 @@ class BypassLayer:
         return y + (h @ b_t).to(y.dtype)
 
 
-class BypassGroup:
-    """Modules of one rank, shape and dtype: stacked factors, the thinner side masked in place once per call.
+class BypassStack:
+    """Modules of one rank, shape and dtype: their factors stacked into one tensor each, the thinner side masked in
+    place once per call.
 
     Built on the first call's device (the activations'), in the layers' compute dtype, before the denoiser runs,
     so a compiled denoiser traces one state. Outside a call the masked side holds the unmasked factor: all ranks,
@@ -105,7 +106,7 @@ class BypassGroup:
         self.masked.copy_(self.source)
 
     def factors_for(self, layer: BypassLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's current factors for an input on another device or in another dtype than the group's (a call
+        """A layer's current factors for an input on another device or in another dtype than the stack's (a call
         outside the denoiser's, autocast, a layer placed on another device): converted per call, slower but exact."""
         if self.a is None:
             self.build(x.device)
@@ -113,13 +114,13 @@ class BypassGroup:
             self.warned_conversion = True
             logger.warning(
                 "T-LoRA low_memory: a layer received %s/%s inputs, its factors are %s/%s; converting them on every "
-                "such call (slower). Run the denoiser in its weights' dtype on one device for the fast path.",
+                "such call (slower). Run the denoiser in its weights' dtype on one device for full speed.",
                 x.device, x.dtype, self.a.device, self.a.dtype,
             )
         return layer.a.to(x.device, x.dtype), layer.b_t.to(x.device, x.dtype)
 
 
-class LowMemoryPath(GroupedPath):
+class LowMemoryMode(StackedMode):
     """Runs each module's delta beside its untouched base layer. Extra memory: the factors, built on the first call."""
 
     name = "low_memory"
@@ -130,30 +131,32 @@ class LowMemoryPath(GroupedPath):
         by_key: dict[tuple, list[TLoraModule]] = defaultdict(list)
         for module in modules:
             by_key[(module.lora_dim, module.shape[0], module.shape[1], layer_dtype(module))].append(module)
-        self.groups = [BypassGroup(members, dtype or self.mask_dtype) for (*_, dtype), members in by_key.items()]
+        self.stacks = [BypassStack(members, dtype or self.mask_dtype) for (*_, dtype), members in by_key.items()]
         self.overrides = [
-            BypassOverride(module, layer) for group in self.groups for module, layer in zip(group.modules, group.layers)
+            BypassOverride(module, layer)
+            for stack in self.stacks
+            for module, layer in zip(stack.modules, stack.layers)
         ]
 
     def set_mask(self, mask: torch.Tensor) -> None:
         doubled: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            for group in self.groups:
-                group.follow(mask.device)
-                if group.rank not in doubled:
-                    doubled[group.rank] = doubled_mask(mask, group.rank)
-                group.set_mask(doubled[group.rank])
+            for stack in self.stacks:
+                stack.follow(mask.device)
+                if stack.rank not in doubled:
+                    doubled[stack.rank] = doubled_mask(mask, stack.rank)
+                stack.set_mask(doubled[stack.rank])
 
     def clear_mask(self) -> None:
         with torch.no_grad():
-            for group in self.groups:
-                if group.masked is not None:
-                    group.clear_mask()
+            for stack in self.stacks:
+                if stack.masked is not None:
+                    stack.clear_mask()
 
     def remove(self) -> None:
         while self.overrides:
             self.overrides.pop().restore()
-        self.groups = []
+        self.stacks = []
 
 
 def layer_dtype(module: TLoraModule) -> torch.dtype | None:

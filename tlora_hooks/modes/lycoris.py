@@ -1,4 +1,4 @@
-"""The reference path: LyCORIS's own T-LoRA forward, driven through its mask API."""
+"""The reference mode: LyCORIS's own T-LoRA forward, driven through its mask API."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import torch
 from lycoris.modules.tlora import TLoraModule, clear_timestep_mask, set_timestep_mask
 
 
-class LycorisMaskPath:
+class LycorisMode:
     """Keeps LyCORIS's module forward and sets its mask for one denoiser's private mask group."""
 
     name = "lycoris"
-    # False where the fast paths run every module and this path only publishes the mask in the group.
+    # False where the fast modes run every module and this one only publishes the mask in the group.
     runs_modules = True
 
     def __init__(self, modules: list[TLoraModule], group_id: int) -> None:

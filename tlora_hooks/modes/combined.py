@@ -1,12 +1,12 @@
-"""Paths over disjoint sets of modules, driven as one."""
+"""Modes over disjoint sets of one denoiser's modules, driven as one."""
 
 from __future__ import annotations
 
 import torch
 
 
-class MixedPath:
-    """Several paths, each over its own modules, set and cleared together."""
+class CombinedMode:
+    """Several modes, each over its own modules, set and cleared together."""
 
     def __init__(self, parts: list, group_id: int) -> None:
         self.parts = [part for part in parts if part is not None]

@@ -1,0 +1,149 @@
+"""Where the rank of a denoiser call is chosen: the value the call received -> the scheduler's noise-ward timestep
+(through the convention row) -> snapped to `scheduler.timesteps` -> the rank -> its mask, all on the device.
+
+Plain tensors and a scheduler in, a mask out; the hooks only read the call and hand the mask to the mode. The steps
+after the reduction work elementwise (`snap`, `CallRank.masks`), so a per-sample variant ((B, max_rank) masks from
+one timestep per sample) can reduce over each sample's tokens instead and reuse them unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .conventions import REDUCTIONS, ConventionChoice, TimestepConvention
+from .logging_utils import get_logger
+from .schedule import RankSchedule, masks_by_rank
+
+logger = get_logger(__name__)
+
+DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
+# Below this (in timestep units, 0..num_train_timesteps) two schedules are the same schedule: float32
+# arithmetic in a convention's map may move an exact received value by this much.
+SNAP_FLOOR = 1e-3
+
+
+def scheduler_timesteps(scheduler: Any) -> torch.Tensor | None:
+    """The scheduler's current `timesteps` as a 1-D tensor, or None before `set_timesteps`."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    timesteps = torch.as_tensor(timesteps)
+    return timesteps.reshape(-1) if timesteps.numel() else None
+
+
+def num_train_timesteps(scheduler: Any) -> int:
+    """T in the rank formula: the scheduler's `num_train_timesteps`, as SimpleTuner passes it."""
+    config = getattr(scheduler, "config", None)
+    value = getattr(config, "num_train_timesteps", None) if config is not None else None
+    return int(value) if value else DEFAULT_NUM_TRAIN_TIMESTEPS
+
+
+def snap(
+    timesteps: torch.Tensor, received: torch.Tensor, convention: TimestepConvention, scheduler: Any, max_timestep: int
+) -> torch.Tensor:
+    """Noise-ward timesteps made valid (NaN -> pure noise, clamped to [0, T]) and snapped, each to the nearest
+    `scheduler.timesteps` entry, where the rounding of the received dtype explains the distance (bf16 t/1000).
+
+    A value from another scheduler (a from_pipe'd pipeline sharing this denoiser) is used as received.
+    """
+    timesteps = torch.nan_to_num(timesteps, nan=float(max_timestep)).clamp(0, max_timestep)
+    schedule = scheduler_timesteps(scheduler) if scheduler is not None else None
+    if schedule is None:
+        return timesteps
+    schedule = convention.schedule_to_timestep(schedule.to(timesteps.device, torch.float32))
+    distance, nearest = (schedule.reshape(-1, *[1] * timesteps.ndim) - timesteps).abs().min(dim=0)
+    rounding = distance <= _rounding_tolerance(convention, received)
+    return torch.where(rounding, _take(schedule, nearest).reshape(nearest.shape), timesteps)
+
+
+class CallRank:
+    """Chooses the rank of every call of one denoiser, keeping the device tables and the once-per-enable warning."""
+
+    def __init__(self, name: str, schedule: RankSchedule, convention: ConventionChoice) -> None:
+        self.name = name
+        self.schedule = schedule
+        self.convention = convention
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._range_checks_left = 1  # accelerator values: one host sync per enable, on the first call
+
+    def mask(self, value: Any, scheduler: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The (1, max_rank) mask for a received timestep value, built without leaving the device."""
+        timestep, max_timestep = self.scheduler_timestep(value, scheduler)
+        return self.masks(timestep, max_timestep, dtype).to(device, non_blocking=True)
+
+    def scheduler_timestep(self, value: Any, scheduler: Any) -> tuple[torch.Tensor, int]:
+        """The call's noise-ward timestep on the scheduler's scale (a 0-d tensor, per-token values reduced by the
+        row's reduction) snapped to its schedule, and T (`num_train_timesteps`)."""
+        received = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
+        convention = self.convention.for_scheduler(scheduler)  # EDM / continuous schedulers refine the row
+        timesteps = convention.to_timestep(received.to(torch.float32))
+        max_timestep = num_train_timesteps(scheduler)
+        self._warn_if_out_of_range(timesteps, max_timestep)
+        timestep = REDUCTIONS[convention.reduce](timesteps.reshape(-1))
+        return snap(timestep, received, convention, scheduler, max_timestep), max_timestep
+
+    def masks(self, timesteps: torch.Tensor, max_timestep: int, dtype: torch.dtype) -> torch.Tensor:
+        """One mask row per valid noise-ward timestep: (N, max_rank) for N timesteps, (1, max_rank) for a 0-d one."""
+        rank_by_timestep, mask_by_rank = self._tables_for(timesteps.device, max_timestep, dtype)
+        index = timesteps.floor().long().clamp(0, max_timestep)  # int(t), as SimpleTuner's pipelines take it
+        return _take(mask_by_rank, _take(rank_by_timestep, index))
+
+    def clear(self) -> None:
+        """Free the device tables (the hook was removed)."""
+        self._tables.clear()
+
+    def _tables_for(
+        self, device: torch.device, max_timestep: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank per integer timestep and mask per rank, built once per device, T and mask dtype."""
+        key = (device, max_timestep, dtype)
+        if key not in self._tables:
+            ranks = torch.tensor(self.schedule.rank_table(max_timestep), dtype=torch.long, device=device)
+            masks = masks_by_rank(self.schedule.max_rank, device=device, dtype=dtype)
+            self._tables[key] = (ranks, masks)
+        return self._tables[key]
+
+    def _warn_if_out_of_range(self, timesteps: torch.Tensor, max_timestep: int) -> None:
+        """Warn once per enable when a timestep lies outside [0, T] (it is clamped, so the rank stays valid).
+
+        Host values are checked on every call until one warns; values on an accelerator only on the first
+        call after enabling, since reading them back would synchronise the device on every step.
+        """
+        if self._range_checks_left <= 0:
+            return
+        if timesteps.device.type != "cpu":
+            self._range_checks_left -= 1
+        low, high = (value.item() for value in torch.aminmax(timesteps))  # NaN propagates, and compares False
+        if not (0 <= low and high <= max_timestep):
+            self._range_checks_left = 0
+            bad = low if not low >= 0 else high  # NaN or negative, else too large
+            logger.warning(
+                "T-LoRA %s received timestep %s on the scheduler's scale, outside [0, %d]; it is clamped, so the "
+                "rank stays in [%d, %d]. If a stock pipeline passed it, its timestep convention is wrong: pass "
+                "timestep_fn= to enable_tlora. (Warned once per enable_tlora.)",
+                self.name, bad, max_timestep, self.schedule.min_rank, self.schedule.max_rank,
+            )
+
+
+def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`table[index]` for an index tensor, a 0-d one keeping a leading dim of 1; `table[index]` itself would read
+    a 0-d index back to the host (a device synchronisation on every call)."""
+    return table.index_select(0, index.reshape(-1))
+
+
+def _rounding_eps(dtype: torch.dtype) -> float:
+    """Relative rounding of a timestep passed in `dtype`; integers are exact."""
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
+def _rounding_tolerance(convention: TimestepConvention, received: torch.Tensor) -> torch.Tensor:
+    """How far the received dtype's rounding can move the noise-ward timestep, through the row's own map.
+
+    A map-aware width: bf16 c_noise (Cosmos 1) or fp16 t/1000 (AuraFlow) move it by different amounts.
+    """
+    value = received.to(torch.float32)
+    eps = _rounding_eps(received.dtype)
+    spread = (convention.to_timestep(value * (1 + eps)) - convention.to_timestep(value * (1 - eps))).abs()
+    return spread.amax().clamp_min(SNAP_FLOOR)

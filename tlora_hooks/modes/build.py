@@ -1,0 +1,85 @@
+"""Building the mode a name asks for: which of a denoiser's modules each mode takes, and "auto" resolved."""
+
+from __future__ import annotations
+
+from lycoris.modules.tlora import TLoraModule
+from torch import nn
+
+from ..errors import TLoRAError
+from .auto import resolve_auto
+from .chain import ChainLink
+from .combined import CombinedMode
+from .factors import base_layer, foldable, has_offload_hook, takes_fast_mode
+from .fold import FoldMode
+from .low_memory import LowMemoryMode
+from .lycoris import LycorisMode
+from .protocol import MaskMode, ModeFactory
+
+
+def split(modules: list[TLoraModule], denoiser: nn.Module | None) -> tuple[list, list, list]:
+    """(foldable, other fast-mode modules, modules left to LyCORIS's forward)."""
+    offloaded = denoiser is not None and any(has_offload_hook(m) for m in denoiser.modules())
+    seen: set[int] = set()  # a layer (or a weight tied between layers) is folded once; other modules on it bypass
+    fold, bypass, rest = [], [], []
+    for module in modules:
+        layer = base_layer(module)
+        ids = {id(layer), id(getattr(layer, "weight", None))}
+        if not takes_fast_mode(module):
+            rest.append(module)
+        elif not offloaded and not ids & seen and foldable(module) and ChainLink.slot(module) is not None:
+            fold.append(module)
+        else:
+            bypass.append(module)
+        seen |= ids
+    return fold, bypass, rest
+
+
+def _mask_group(modules: list[TLoraModule], rest: list[TLoraModule], group_id: int) -> LycorisMode:
+    """LyCORIS's mask API for every module: it runs `rest` (modules no fast mode takes) and publishes each call's
+    mask in the denoiser's mask group, so `handle.mask_groups` and `get_timestep_mask(group)` mean the same in every
+    mode."""
+    mode = LycorisMode(modules, group_id)
+    mode.runs_modules = bool(rest)
+    return mode
+
+
+def _lycoris(modules, group_id, denoiser=None) -> MaskMode:
+    return LycorisMode(modules, group_id)
+
+
+def _low_memory(modules, group_id, denoiser=None) -> MaskMode:
+    fold, bypass, rest = split(modules, denoiser)
+    fast = fold + bypass
+    parts = [LowMemoryMode(fast, group_id)] if fast else []
+    return CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id)
+
+
+def _fold(modules, group_id, denoiser=None) -> MaskMode:
+    fold, bypass, rest = split(modules, denoiser)
+    parts = [FoldMode(fold, group_id)] if fold else []
+    if bypass:
+        parts.append(LowMemoryMode(bypass, group_id))
+    return CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id)
+
+
+MODES: dict[str, ModeFactory] = {
+    "lycoris": _lycoris,
+    "low_memory": _low_memory,
+    "fold": _fold,
+}
+
+
+def check_mode(mode: str) -> None:
+    """Raise for a mode name this version does not have."""
+    if mode != "auto" and mode not in MODES:
+        raise TLoRAError(f"Unknown mode {mode!r}: use 'auto' (the default) or one of {sorted(MODES)}.")
+
+
+def build_mode(
+    mode: str, modules: list[TLoraModule], group_id: int, denoiser: nn.Module | None = None
+) -> MaskMode:
+    """The mode `mode` names, with "auto" resolved for these modules (and their denoiser's offloading hooks)."""
+    check_mode(mode)
+    if mode == "auto":
+        mode = resolve_auto(split(modules, denoiser)[0])
+    return MODES[mode](modules, group_id, denoiser)

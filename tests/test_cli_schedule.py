@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
 import pytest
 
 from conftest import lycoris_rank
-from tlora_hooks.cli import main
-from tlora_hooks.schedule_cli import COMPARED_ALPHAS, rank_curves
+from tlora_hooks.commands import main
+from tlora_hooks.commands.schedule import COMPARED_ALPHAS, rank_curves
 from tlora_hooks.schedule import RankSchedule
 
 
@@ -98,12 +99,19 @@ def test_bad_settings_exit_2_with_the_reason(capsys, argv, words):
     assert words in capsys.readouterr().err
 
 
-def test_python_dash_m_and_the_console_script_run_the_same_command(capsys):
+def test_python_dash_m_runs_the_same_command(capsys):
     argv = ["schedule", "--max-rank", "16", "--scheduler", "flow", "--steps", "6"]
     assert main(argv) == 0
     in_process = capsys.readouterr().out
     result = subprocess.run([sys.executable, "-m", "tlora_hooks", *argv], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == in_process
-    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "tlora-hooks"]
-    assert script.value == "tlora_hooks.cli:main"
+
+
+def test_the_console_script_is_the_one_pyproject_declares_and_runs_main():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    declared = pyproject["project"]["scripts"]["tlora-hooks"]
+    assert EntryPoint("tlora-hooks", declared, "console_scripts").load() is main
+    (installed,) = [e for e in entry_points(group="console_scripts") if e.name == "tlora-hooks"]
+    assert installed.value == declared, "the installed package is stale: reinstall it (pip install -e .)"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from conftest import lycoris_rank
-from tlora_hooks.cli import main
-from tlora_hooks.demo import DemoConfig, run_demo
+from tlora_hooks.commands import main
+from tlora_hooks.commands.demo import DemoConfig, run_demo
 
 
 def test_demo_rows_follow_the_schedule(capsys):

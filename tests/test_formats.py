@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import tiny
 import tlora_files
 from tlora_hooks import TLoRAError
-from tlora_hooks.cli import main
+from tlora_hooks.commands import main
 from tlora_hooks.formats import check_one_rank, read_tlora_file
 from tlora_hooks.matching import lycoris_names
 
@@ -192,8 +192,8 @@ def test_inspect_prints_what_the_file_holds(simpletuner_path, capsys):
 
 
 def test_inspect_recognises_sdxl_and_flux_widths(tmp_path):
+    from tlora_hooks.commands.inspect import likely_family
     from tlora_hooks.formats import ModuleWeights, TLoraFile
-    from tlora_hooks.inspection import likely_family
 
     def fake(names_and_widths):
         modules = {name: ModuleWeights(torch.zeros(4, width), torch.zeros(8, 4), torch.zeros(1, 4), 4.0)

@@ -16,7 +16,7 @@ import tlora_files
 from conftest import lycoris_rank
 from tlora_hooks import TLoRAError, enable_tlora, load_tlora, unload_tlora
 from tlora_hooks import loading
-from tlora_hooks.cli import main
+from tlora_hooks.commands import main
 from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import installed_hook
 from tlora_hooks.schedule import masks_by_rank

@@ -10,7 +10,7 @@ import diffusers
 import pytest
 
 import test_families
-from tlora_hooks.cli import main
+from tlora_hooks.commands import main
 from tlora_hooks.support import BEGIN, END, FAMILIES, readme_section
 
 README = Path(__file__).resolve().parents[1] / "README.md"

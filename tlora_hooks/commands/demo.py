@@ -1,4 +1,4 @@
-"""The main job on its embedded default: a tiny stock SDXL pipeline with a random T-LoRA, run offline on CPU.
+"""`tlora-hooks demo`: the main job on its embedded default, a tiny stock SDXL pipeline with a random T-LoRA, on CPU.
 
 It prints, per denoising step, the scheduler timestep, the noise level, the rank the T-LoRA modules
 used, and how far the masked run has drifted from the unmasked one.
@@ -6,13 +6,14 @@ used, and how far the masked run has drifted from the unmasked one.
 
 from __future__ import annotations
 
+import argparse
+import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 from unittest import mock
 
 import torch
-
-from .api import enable_tlora
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,14 @@ class DemoConfig:
 
 
 def build_demo_pipeline(config: DemoConfig):
-    """A stock `StableDiffusionXLPipeline` with random weights and a random LyCORIS T-LoRA on its UNet."""
+    """A stock `StableDiffusionXLPipeline` with random weights and a random LyCORIS T-LoRA on its UNet.
+
+    Args:
+        config (`DemoConfig`): the rank, seed and latent size to build with.
+
+    Returns:
+        The pipeline and the applied LyCORIS network.
+    """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from lycoris import LycorisNetwork, create_lycoris
 
@@ -63,6 +71,11 @@ def build_demo_pipeline(config: DemoConfig):
 
 
 def demo_inputs(config: DemoConfig) -> dict[str, Any]:
+    """Seeded random prompt embeddings and latents, so the pipeline needs no text encoders or VAE.
+
+    Args:
+        config (`DemoConfig`): the steps, seed and latent size to use.
+    """
     generator = torch.Generator().manual_seed(config.seed + 1)
     return dict(
         prompt_embeds=torch.randn(1, 77, 64, generator=generator),
@@ -76,7 +89,13 @@ def demo_inputs(config: DemoConfig) -> dict[str, Any]:
 
 
 def run_with_trace(pipe, inputs: dict[str, Any], on_call: Callable[[], None] | None = None) -> list[torch.Tensor]:
-    """Run the pipeline; return the latents after every step."""
+    """Run the pipeline; return the latents after every step.
+
+    Args:
+        pipe: the pipeline from `build_demo_pipeline`.
+        inputs (`dict`): the call's keyword arguments, from `demo_inputs`; its latents are not modified.
+        on_call (`Callable[[], None]`, *optional*): called before every UNet forward.
+    """
     latents: list[torch.Tensor] = []
 
     def record(pipeline, step, timestep, tensors):
@@ -93,8 +112,17 @@ def run_with_trace(pipe, inputs: dict[str, Any], on_call: Callable[[], None] | N
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> list[dict[str, float]]:
-    """Run the demo, print its table, and return its rows."""
+    """Run the demo, print its table, and return its rows.
+
+    Args:
+        config (`DemoConfig`, *optional*): the embedded default unless given.
+
+    Returns:
+        `list[dict[str, float]]`: per step, its timestep, noise level, sigma, rank and drift from the unmasked run.
+    """
     from lycoris.modules.tlora import get_timestep_mask
+
+    from ..api import enable_tlora
 
     pipe, _ = build_demo_pipeline(config)
     inputs = demo_inputs(config)
@@ -119,3 +147,30 @@ def run_demo(config: DemoConfig = DemoConfig()) -> list[dict[str, float]]:
     print(f"final latents: masked vs unmasked relative difference {rows[-1]['drift']:.4f} "
           "(0 would mean the mask did nothing)")
     return rows
+
+
+def _quiet_dependencies() -> None:
+    """The demo shows its own table; the stock pipelines' deprecation chatter would hide it."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> None:
+    _quiet_dependencies()
+    run_demo(DemoConfig(steps=args.steps, rank=args.rank, min_rank=args.min_rank, alpha=args.alpha, seed=args.seed))
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """Add `demo` and its options.
+
+    Args:
+        subparsers (`argparse._SubParsersAction`): what `ArgumentParser.add_subparsers` returned.
+    """
+    parser = subparsers.add_parser("demo", help="run a tiny stock SDXL pipeline with a random T-LoRA, offline")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--min-rank", type=int, default=1)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=_run)

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import TLoRAError
-from .schedule import RankSchedule
+from ..errors import TLoRAError
+from ..schedule import RankSchedule
 
 COMPARED_ALPHAS = (0.5, 1.0, 2.0)
 BAR_WIDTH = 32
@@ -31,7 +31,9 @@ def _flow(num_train_timesteps: int, shift: float | None) -> Any:
     """SD3 / Flux flow matching with a static shift (Flux's dynamic shift at a resolution is shift = exp(mu))."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=3.0 if shift is None else shift)
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=num_train_timesteps, shift=3.0 if shift is None else shift
+    )
 
 
 # name: builder(num_train_timesteps, shift) -> a Diffusers scheduler; a new scheduler is one row.
@@ -49,7 +51,13 @@ class ScheduleRow:
 
 
 def timestep_rows(schedule: RankSchedule, num_train_timesteps: int, stride: int) -> list[ScheduleRow]:
-    """The rank every `stride` timesteps from 0 (clean) to T (pure noise)."""
+    """The rank every `stride` timesteps from 0 (clean) to T (pure noise).
+
+    Args:
+        schedule (`RankSchedule`): the rank formula's settings.
+        num_train_timesteps (`int`): T, the last timestep listed.
+        stride (`int`): the spacing of the listed timesteps.
+    """
     timesteps = list(range(0, num_train_timesteps + 1, stride))
     if timesteps[-1] != num_train_timesteps:
         timesteps.append(num_train_timesteps)
@@ -57,7 +65,13 @@ def timestep_rows(schedule: RankSchedule, num_train_timesteps: int, stride: int)
 
 
 def scheduler_rows(schedule: RankSchedule, scheduler: Any, steps: int) -> list[ScheduleRow]:
-    """The rank at each step of `scheduler` after `set_timesteps(steps)`: int(t), as the hooks take it."""
+    """The rank at each step of `scheduler` after `set_timesteps(steps)`: int(t), as the hooks take it.
+
+    Args:
+        schedule (`RankSchedule`): the rank formula's settings.
+        scheduler: a Diffusers scheduler; its `num_train_timesteps` is T.
+        steps (`int`): num_inference_steps.
+    """
     scheduler.set_timesteps(steps)
     T = int(scheduler.config.num_train_timesteps)
     return [
@@ -67,7 +81,15 @@ def scheduler_rows(schedule: RankSchedule, scheduler: Any, steps: int) -> list[S
 
 
 def rank_curves(schedule: RankSchedule, num_train_timesteps: int) -> dict[float, list[int]]:
-    """Rank at every integer timestep for the compared alphas and the chosen one."""
+    """Rank at every integer timestep for the compared alphas and the chosen one.
+
+    Args:
+        schedule (`RankSchedule`): the ranks and the chosen alpha.
+        num_train_timesteps (`int`): T, the last timestep of each curve.
+
+    Returns:
+        `dict[float, list[int]]`: alpha -> the rank at timesteps 0..T.
+    """
     alphas = sorted(set(COMPARED_ALPHAS) | {float(schedule.alpha)})
     return {
         alpha: RankSchedule(schedule.max_rank, schedule.min_rank, alpha).rank_table(num_train_timesteps)
@@ -76,7 +98,13 @@ def rank_curves(schedule: RankSchedule, num_train_timesteps: int) -> dict[float,
 
 
 def format_table(rows: list[ScheduleRow], schedule: RankSchedule, header: str) -> str:
-    """A fixed-width table with a bar per row, so the curve's shape shows in a terminal."""
+    """A fixed-width table with a bar per row, so the curve's shape shows in a terminal.
+
+    Args:
+        rows (`list[ScheduleRow]`): from `timestep_rows` or `scheduler_rows`.
+        schedule (`RankSchedule`): its `max_rank` is a full bar.
+        header (`str`): the first line.
+    """
     per_step = rows[0].step is not None
     lines = [header, ("step  " if per_step else "") + "timestep  rank"]
     for row in rows:
@@ -87,8 +115,17 @@ def format_table(rows: list[ScheduleRow], schedule: RankSchedule, header: str) -
     return "\n".join(lines)
 
 
-def plot_schedule(path: str, schedule: RankSchedule, num_train_timesteps: int, steps: list[ScheduleRow] | None) -> None:
-    """Write a PNG of rank against timestep for α = 0.5, 1, 2 and the chosen α, with the scheduler's steps marked."""
+def plot_schedule(
+    path: str, schedule: RankSchedule, num_train_timesteps: int, steps: list[ScheduleRow] | None
+) -> None:
+    """Write a PNG of rank against timestep for α = 0.5, 1, 2 and the chosen α, with the scheduler's steps marked.
+
+    Args:
+        path (`str`): where to write the PNG.
+        schedule (`RankSchedule`): the ranks and the chosen alpha.
+        num_train_timesteps (`int`): T, the x-axis' extent.
+        steps (`list[ScheduleRow]`, *optional*): the scheduler's steps to mark.
+    """
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
@@ -116,7 +153,7 @@ def plot_schedule(path: str, schedule: RankSchedule, num_train_timesteps: int, s
     figure.savefig(path, dpi=100)
 
 
-def run_schedule(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> None:
     schedule = RankSchedule(max_rank=args.max_rank, min_rank=args.min_rank, alpha=args.alpha)
     if args.steps < 1 or args.stride < 1 or args.num_train_timesteps < 1:
         raise TLoRAError("--steps, --stride and --num-train-timesteps must be at least 1.")
@@ -138,7 +175,12 @@ def run_schedule(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
-def add_schedule_command(subparsers) -> None:
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """Add `schedule` and its options.
+
+    Args:
+        subparsers (`argparse._SubParsersAction`): what `ArgumentParser.add_subparsers` returned.
+    """
     parser = subparsers.add_parser(
         "schedule", help="print the rank per timestep (or per scheduler step), optionally plot it",
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -150,6 +192,10 @@ def add_schedule_command(subparsers) -> None:
     parser.add_argument("--stride", type=int, default=50, help="timestep spacing of the table without --scheduler")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="show the rank at each step of this scheduler")
     parser.add_argument("--steps", type=int, default=25, help="num_inference_steps, with --scheduler")
-    parser.add_argument("--shift", type=float, default=None, help="flow-matching shift (default 3.0), with --scheduler flow")
-    parser.add_argument("--plot", metavar="PNG", help="also write a plot comparing alpha = 0.5, 1 and 2 (needs matplotlib)")
-    parser.set_defaults(run=run_schedule)
+    parser.add_argument(
+        "--shift", type=float, default=None, help="flow-matching shift (default 3.0), with --scheduler flow"
+    )
+    parser.add_argument(
+        "--plot", metavar="PNG", help="also write a plot comparing alpha = 0.5, 1 and 2 (needs matplotlib)"
+    )
+    parser.set_defaults(run=_run)

@@ -1,0 +1,26 @@
+"""`tlora-hooks support`: print the support matrix of pipeline families, or rewrite a README's generated section."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _run(args: argparse.Namespace) -> None:
+    from ..support import support_matrix, update_readme
+
+    if args.write:
+        changed = update_readme(args.write)
+        print(f"{args.write}: support matrix {'updated' if changed else 'already current'}")
+    else:
+        print(support_matrix(), end="")
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """Add `support` and its options.
+
+    Args:
+        subparsers (`argparse._SubParsersAction`): what `ArgumentParser.add_subparsers` returned.
+    """
+    parser = subparsers.add_parser("support", help="print the support matrix of pipeline families")
+    parser.add_argument("--write", metavar="README", help="rewrite the generated section of this README")
+    parser.set_defaults(run=_run)

@@ -210,7 +210,8 @@ def flux(variant: str = "text2image", *, steps: int = 4, rank: int | None = 8, d
     import diffusers
 
     pipeline_class, in_channels, out_channels, latent_channels = FLUX_VARIANTS[variant]
-    transformer = flux_transformer(in_channels=in_channels, out_channels=out_channels, guidance_embeds=variant != "fill")
+    guidance_embeds = variant != "fill"
+    transformer = flux_transformer(in_channels=in_channels, out_channels=out_channels, guidance_embeds=guidance_embeds)
     scheduler = _shifting_flow_scheduler()
     pipe = getattr(diffusers, pipeline_class)(
         scheduler=scheduler, vae=_flux_vae(latent_channels) if latent_channels else None, text_encoder=None,

@@ -87,6 +87,7 @@ def flux(pipe, kw, latents, schedule):
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     scheduler.set_begin_index(0)
     side = int(latents.shape[1] ** 0.5)
+    # (0, row, column) of each packed latent token, as FluxPipeline numbers them for the rotary embedding
     rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     image_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(side * side, 3).to(dtype)
     text_ids = torch.zeros(kw["prompt_embeds"].shape[1], 3, dtype=dtype)

@@ -29,12 +29,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+from importlib.metadata import version
 from unittest import mock
 
 import torch
 
-from published_configs import SDXL_UNET
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # devtools/, shared with the tests
+
+from devtools.lycoris_build import lycoris_without_gc  # noqa: E402
+from devtools.measure import relative_error  # noqa: E402
+from published_configs import SDXL_UNET  # noqa: E402
 
 VARIANTS = ("plain", "lycoris", "lycoris_bypass", "low_memory", "fold", "auto")
 CUDA_VARIANTS = VARIANTS + ("fold_baddbmm",)  # the fold without the fused Triton kernel
@@ -72,9 +78,7 @@ def cheap_tlora_init():
         self.p_layer.weight.data = torch.randn(out_dim, self.lora_dim, device=device) / self.lora_dim**0.5
         self.lambda_layer.data = torch.rand(1, self.lora_dim, device=device) + 0.5
 
-    with mock.patch.object(TLoraModule, "_initialize_from_svd", random_factors), mock.patch(
-        "lycoris.modules.tlora.gc.collect", lambda *args: 0
-    ):
+    with mock.patch.object(TLoraModule, "_initialize_from_svd", random_factors), lycoris_without_gc():
         yield
 
 
@@ -216,10 +220,9 @@ def output_differences(model, network, call, timesteps, args, scheduler, dtype):
     for name in ("lycoris", "low_memory", "fold", "auto"):
         with variant(name, model, network, args.rank, scheduler, dtype), torch.inference_mode():
             call(timesteps[0])
-            outputs[name] = call(t).float()
+            outputs[name] = call(t)
     reference = outputs.pop("lycoris")
-    scale = reference.abs().max()
-    return {name: float((out - reference).abs().max() / scale) for name, out in outputs.items()}
+    return {name: relative_error(out, reference) for name, out in outputs.items()}
 
 
 def run_model(kind, args, device, dtype):
@@ -252,7 +255,7 @@ def run_model(kind, args, device, dtype):
         model=kind, shape=shape, device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         dtype=str(dtype).replace("torch.", ""), reduced=reduced, rank=args.rank, steps=args.steps, reps=args.reps,
         tlora_modules=len(network.loras), params=sum(p.numel() for p in model.parameters()),
-        torch=torch.__version__, diffusers=_version("diffusers"), lycoris=_version("lycoris-lora"),
+        torch=torch.__version__, diffusers=version("diffusers"), lycoris=version("lycoris-lora"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         variants={
             name: dict(
@@ -284,12 +287,6 @@ def _print_table(result):
         diff = f"{row['rel_diff_vs_lycoris']:.1e}" if row["rel_diff_vs_lycoris"] is not None else "-"
         print(f"{name:16s} {row['s_per_step']:9.4f} {ratio:>8s} {peak:>9s} {row['extra_gib']:10.3f} {diff:>9s}  "
               f"{row['resolved_mode']}")
-
-
-def _version(distribution):
-    from importlib.metadata import version
-
-    return version(distribution)
 
 
 def _round(value, digits=3):

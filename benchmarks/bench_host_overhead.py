@@ -17,10 +17,11 @@ import json
 import platform
 import statistics
 import time
+from importlib.metadata import version
 
 import torch
 
-from bench_forward import _version, add_tlora, build_sdxl, synchronize, variant
+from bench_forward import add_tlora, build_sdxl, synchronize, variant
 
 VARIANTS = ("plain", "lycoris", "lycoris_bypass", "low_memory", "fold")
 
@@ -84,7 +85,7 @@ def main() -> None:
     result = dict(
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         dtype=str(dtype).replace("torch.", ""), tlora_layers=len(layers), reps=args.reps, loops=args.loops,
-        torch=torch.__version__, diffusers=_version("diffusers"), lycoris=_version("lycoris-lora"),
+        torch=torch.__version__, diffusers=version("diffusers"), lycoris=version("lycoris-lora"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         us_per_layer_call={name: round(value * 1e6, 2) for name, value in per_layer.items()},
         us_over_plain_per_layer={name: round((value - per_layer["plain"]) * 1e6, 2) for name, value in per_layer.items()},

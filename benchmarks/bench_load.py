@@ -16,29 +16,29 @@ extrapolated per module. Prints one JSON line per result; the last line starts w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
-import importlib.metadata
 import gc
+import importlib.metadata
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from unittest import mock
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tlora_hooks and devtools/ without installing
 
 import diffusers  # noqa: E402
 from lycoris import create_lycoris_from_weights  # noqa: E402
 from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from tlora_hooks import load_tlora, unload_tlora  # noqa: E402
+from devtools.lycoris_build import lycoris_without_gc  # noqa: E402
 from published_configs import SDXL_UNET  # noqa: E402
-from tlora_hooks import base_cache, rebuild  # noqa: E402
+from tlora_hooks import base_cache, load_tlora, rebuild, unload_tlora  # noqa: E402
 from tlora_hooks.discovery import applied_tlora_modules  # noqa: E402
 from tlora_hooks.schedule import masks_by_rank  # noqa: E402
 
@@ -105,8 +105,7 @@ def time_load_tlora(unet, path: str, device: str, cache_base=False) -> float:
 def time_lycoris(unet, path: str, device: str, weights_sd=None, collect: bool = True):
     """`create_lycoris_from_weights` + `apply_to()` + `.to(device)`, as LyCORIS ships (gc.collect per module) or not."""
     sync(device)
-    patch = mock.patch("lycoris.modules.tlora.gc.collect", lambda *args: 0) if not collect else _nothing()
-    with patch:
+    with contextlib.nullcontext() if collect else lycoris_without_gc():
         start = time.perf_counter()
         network, _ = create_lycoris_from_weights(1.0, path, unet, weights_sd=weights_sd)
         network.apply_to()
@@ -114,14 +113,6 @@ def time_lycoris(unet, path: str, device: str, weights_sd=None, collect: bool = 
         sync(device)
         elapsed = time.perf_counter() - start
     return elapsed, network
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        return False
 
 
 def max_delta_difference(ours, theirs, rank: int) -> float:

@@ -12,26 +12,17 @@ Also the extra memory each path holds (what `handle.extra_memory_bytes` reports)
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_forward import add_tlora, build_flux, build_sdxl
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # devtools/, shared with the tests
 
-
-class KernelCount(TorchDispatchMode):
-    """Operators that launch a kernel (views do not)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket is not torch.ops.aten._unsafe_view:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+from bench_forward import add_tlora, build_flux, build_sdxl  # noqa: E402
+from devtools.measure import KernelCounter  # noqa: E402
 
 
 def cost(kind: str, rank: int = 64) -> dict:
@@ -46,7 +37,7 @@ def cost(kind: str, rank: int = 64) -> dict:
         layer.register_forward_hook(lambda m, a, o: tokens.__setitem__(m, a[0].numel() // m.in_features))
         for layer in layers
     ]
-    with torch.no_grad(), FlopCounterMode(display=False) as flops, KernelCount() as kernels:
+    with torch.no_grad(), FlopCounterMode(display=False) as flops, KernelCounter() as kernels:
         call(torch.tensor(500.0, device="meta"))
     for handle in handles:
         handle.remove()

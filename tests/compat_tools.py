@@ -1,4 +1,5 @@
-"""Shared by the compatibility, fault, thread and fuzz tests: an independent mask reference, and a toy denoiser.
+"""Shared by the pipeline, compatibility, fault, thread and fuzz tests: an independent mask reference, the ranks it
+gives, a toy denoiser, and the hook count a clean removal must restore.
 
 `scheduler_state_masks` is the reference for compositions that change how a call reaches the denoiser
 (offload, caches, a ControlNet, a PEFT LoRA): like SimpleTuner's vendored pipelines, it sets the mask from the
@@ -10,16 +11,21 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from lycoris import LycorisNetwork, create_lycoris
 from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
 
 import tiny
+from conftest import lycoris_rank
 from tlora_hooks import register_convention
 
 
 def run(pipe, kw, latents, **extra):
     """One stock pipeline call from fixed latents; returns the output latents."""
     return pipe(**kw, **extra, latents=latents.clone(), return_dict=False)[0]
+
+
+def hook_counts(module: torch.nn.Module) -> tuple[int, int]:
+    """How many forward pre-hooks and forward hooks torch holds on `module` (torch has no public count)."""
+    return len(module._forward_pre_hooks), len(module._forward_hooks)
 
 
 def denoisers(pipe) -> dict[str, torch.nn.Module]:
@@ -57,13 +63,8 @@ def scheduler_state_masks(pipe, schedule, group_id: int = 0, mask_dtype: torch.d
 
 def expected_ranks(pipe, schedule, calls_per_step: int = 1) -> list[int]:
     """LyCORIS's rank for each entry of the scheduler's timesteps (after a run), per denoiser call."""
-    max_rank, min_rank, alpha = schedule
     T = pipe.scheduler.config.num_train_timesteps
-    return [
-        int(compute_timestep_mask(int(t), T, max_rank, min_rank, alpha).sum())
-        for t in pipe.scheduler.timesteps
-        for _ in range(calls_per_step)
-    ]
+    return [lycoris_rank(t, T, *schedule) for t in pipe.scheduler.timesteps for _ in range(calls_per_step)]
 
 
 class StepToyDenoiser(torch.nn.Module):
@@ -96,10 +97,7 @@ def toy_with_tlora(rank: int = 8, seed: int = 0, cls: type = StepToyDenoiser) ->
     """A StepToyDenoiser (or subclass) whose Linear layers carry a perturbed LyCORIS T-LoRA."""
     torch.manual_seed(seed)
     toy = cls()
-    LycorisNetwork.apply_preset({"target_module": ["ToyBlock"]})
-    with tiny.lycoris_without_gc():
-        network = create_lycoris(toy, 1.0, linear_dim=rank, linear_alpha=rank, algo="tlora", warn_on_unmatched=False)
-    network.apply_to()
+    network = tiny.apply_tlora(toy, rank, targets=("ToyBlock",))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in network.loras:

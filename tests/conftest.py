@@ -14,7 +14,9 @@ from lycoris.modules.tlora import TLoraModule, compute_timestep_mask
 
 from tlora_hooks.modes import build as mode_build
 
-sys.path.insert(0, os.path.dirname(__file__))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# tiny.py and the other test helpers; the repository root for devtools/, shared with the benchmarks.
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 lycoris_logger.setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
 # Tiny models on shared 2-core machines: extra intra-op threads only spin (measured 40x slower per tiny SDXL run).

@@ -26,42 +26,52 @@ def scheduler_mask(t: torch.Tensor, scheduler, max_rank: int, min_rank: int, alp
         clear_timestep_mask(group_id)
 
 
+def batched_guidance(scheduler, latents, kw, schedule, predict):
+    """Classifier-free guidance as SDXL and SD3 run it: uncond and cond in one batch, one masked call per step.
+
+    `predict(latents_for_both, t)` is the family's denoiser call; it returns the uncond and cond predictions stacked.
+    """
+    for t in scheduler.timesteps:
+        with scheduler_mask(t, scheduler, *schedule):
+            uncond, cond = predict(torch.cat([latents] * 2), t).chunk(2)
+        pred = uncond + kw["guidance_scale"] * (cond - uncond)
+        latents = scheduler.step(pred, t, latents).prev_sample
+    return latents
+
+
+def negative_first(kw, name: str) -> torch.Tensor:
+    """The uncond and cond inputs of a batched call: `negative_<name>` stacked over `<name>`."""
+    return torch.cat([kw[f"negative_{name}"], kw[name]])
+
+
 @torch.no_grad()
 def sdxl(pipe, kw, latents, schedule):
     scheduler, unet = pipe.scheduler, pipe.unet
     scheduler.set_timesteps(kw["num_inference_steps"])
     scheduler.set_begin_index(0)
-    latents = latents * scheduler.init_noise_sigma
-    embeds = torch.cat([kw["negative_prompt_embeds"], kw["prompt_embeds"]])
-    pooled = torch.cat([kw["negative_pooled_prompt_embeds"], kw["pooled_prompt_embeds"]])
+    embeds, pooled = negative_first(kw, "prompt_embeds"), negative_first(kw, "pooled_prompt_embeds")
     h, w = kw["height"], kw["width"]
     time_ids = torch.tensor([[h, w, 0, 0, h, w]] * 2, dtype=embeds.dtype)
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        with scheduler_mask(t, scheduler, *schedule):
-            pred = unet(model_input, t, encoder_hidden_states=embeds,
-                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        uncond, cond = pred.chunk(2)
-        pred = uncond + kw["guidance_scale"] * (cond - uncond)
-        latents = scheduler.step(pred, t, latents).prev_sample
-    return latents
+
+    def predict(model_input, t):
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        return unet(scheduler.scale_model_input(model_input, t), t, encoder_hidden_states=embeds,
+                    added_cond_kwargs=added).sample
+
+    return batched_guidance(scheduler, latents * scheduler.init_noise_sigma, kw, schedule, predict)
 
 
 @torch.no_grad()
 def sd3(pipe, kw, latents, schedule):
     scheduler, transformer = pipe.scheduler, pipe.transformer
     scheduler.set_timesteps(kw["num_inference_steps"])
-    embeds = torch.cat([kw["negative_prompt_embeds"], kw["prompt_embeds"]])
-    pooled = torch.cat([kw["negative_pooled_prompt_embeds"], kw["pooled_prompt_embeds"]])
-    for t in scheduler.timesteps:
-        model_input = torch.cat([latents] * 2)
-        with scheduler_mask(t, scheduler, *schedule):
-            pred = transformer(hidden_states=model_input, timestep=t.expand(2), encoder_hidden_states=embeds,
-                               pooled_projections=pooled).sample
-        uncond, cond = pred.chunk(2)
-        pred = uncond + kw["guidance_scale"] * (cond - uncond)
-        latents = scheduler.step(pred, t, latents).prev_sample
-    return latents
+    embeds, pooled = negative_first(kw, "prompt_embeds"), negative_first(kw, "pooled_prompt_embeds")
+
+    def predict(model_input, t):
+        return transformer(hidden_states=model_input, timestep=t.expand(2), encoder_hidden_states=embeds,
+                           pooled_projections=pooled).sample
+
+    return batched_guidance(scheduler, latents, kw, schedule, predict)
 
 
 @torch.no_grad()
@@ -77,7 +87,9 @@ def flux(pipe, kw, latents, schedule):
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     scheduler.set_begin_index(0)
     side = int(latents.shape[1] ** 0.5)
-    image_ids = pipe._prepare_latent_image_ids(1, side, side, latents.device, dtype)
+    # (0, row, column) of each packed latent token, as FluxPipeline numbers them for the rotary embedding
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    image_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(side * side, 3).to(dtype)
     text_ids = torch.zeros(kw["prompt_embeds"].shape[1], 3, dtype=dtype)
     guidance = torch.full([1], kw["guidance_scale"], dtype=torch.float32)
     for t in scheduler.timesteps:

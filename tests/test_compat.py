@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tiny
-from compat_tools import expected_ranks, run, scheduler_state_masks, toy_with_tlora
+from compat_tools import expected_ranks, hook_counts, run, scheduler_state_masks, toy_with_tlora
 from conftest import lycoris_rank
 from tlora_hooks import disable_tlora, enable_tlora
 from tlora_hooks.discovery import applied_tlora_modules
@@ -272,11 +272,11 @@ def test_controlnet_pipeline_masks_the_denoiser_not_the_controlnet(rank_probe):
     latents = sdxl_latents()
     with scheduler_state_masks(control_pipe, SDXL_SCHEDULE):
         reference = run(control_pipe, kw, latents, image=image)
-    controlnet_hooks = len(control_pipe.controlnet._forward_pre_hooks), len(control_pipe.controlnet._forward_hooks)
+    controlnet_hooks = hook_counts(control_pipe.controlnet)
 
     handle = enable_tlora(control_pipe, *SDXL_SCHEDULE, mode=MODE)
     assert handle.denoisers == ["unet"]
-    assert (len(control_pipe.controlnet._forward_pre_hooks), len(control_pipe.controlnet._forward_hooks)) == controlnet_hooks
+    assert hook_counts(control_pipe.controlnet) == controlnet_hooks
     assert STATE_ATTRIBUTE not in control_pipe.controlnet.__dict__
     rank_probe.watch("controlnet", control_pipe.controlnet).watch("unet", control_pipe.unet)
     out = run(control_pipe, kw, latents, image=image)

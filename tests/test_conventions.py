@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tiny
-import tiny_families as fam
+from compat_tools import hook_counts
 from conftest import lycoris_rank
 from tlora_hooks import TLoRAError, enable_tlora, register_convention
 from tlora_hooks import api, conventions
@@ -178,7 +178,7 @@ def test_timestep_fn_takes_precedence_over_the_row(rank_probe):
 
 def test_timestep_fn_is_snapped_on_the_noise_ward_scale_of_an_inverted_schedule(rank_probe):
     """Mochi's scheduler holds (1 - sigma) * 1000; a timestep_fn returning the noise-ward t still snaps right."""
-    pipe, kw = fam.mochi()
+    pipe, kw = tiny.mochi()
     enable_tlora(pipe, max_rank=8, timestep_fn=lambda module, args, kwargs: 1000 - kwargs["timestep"] + 0.3)
     rank_probe.watch("transformer", pipe.transformer)
     pipe(**kw)
@@ -187,7 +187,7 @@ def test_timestep_fn_is_snapped_on_the_noise_ward_scale_of_an_inverted_schedule(
 
 
 def test_timestep_fn_serves_a_denoiser_whose_row_refuses(rank_probe):
-    transformer = fam._cosmos_transformer()
+    transformer = tiny.cosmos_transformer()
     tiny.add_tlora(transformer)
     enable_tlora(transformer, max_rank=8, timestep_fn=lambda module, args, kwargs: 250.0)
     rank_probe.watch("transformer", transformer)
@@ -198,27 +198,27 @@ def test_timestep_fn_serves_a_denoiser_whose_row_refuses(rank_probe):
 
 # -- refusals ---------------------------------------------------------------------------------------------------
 def test_a_bare_cosmos_transformer_is_ambiguous_and_refused():
-    transformer = fam._cosmos_transformer()
+    transformer = tiny.cosmos_transformer()
     tiny.add_tlora(transformer)
-    before = len(transformer._forward_pre_hooks)
+    before = hook_counts(transformer)
     with pytest.raises(TLoRAError) as error:
         enable_tlora(transformer, max_rank=8)
     assert "Cosmos pipeline" in str(error.value) and "timestep_fn" in str(error.value)
-    assert len(transformer._forward_pre_hooks) == before
+    assert hook_counts(transformer) == before
 
 
 def test_a_pipeline_that_multiplies_by_an_unusable_config_value_is_refused():
-    pipe, _ = fam.sana()
+    pipe, _ = tiny.sana()
     pipe.transformer.register_to_config(timestep_scale=0.0)
     with pytest.raises(TLoRAError, match="timestep_scale"):
         enable_tlora(pipe, max_rank=8)
-    assert not pipe.transformer._forward_pre_hooks
+    assert hook_counts(pipe.transformer) == (0, 0)
 
 
 # -- the scheduler row is chosen on each call ------------------------------------------------------------------
 def test_swapping_in_an_edm_scheduler_after_enabling_switches_the_row(rank_probe):
     """Playground v2.5 style: the UNet then receives c_noise = 0.25 ln sigma, not a DDPM t."""
-    pipe, kw = fam.sdxl()
+    pipe, kw = tiny.sdxl()
     enable_tlora(pipe, max_rank=8)
     pipe.scheduler = diffusers.EDMDPMSolverMultistepScheduler(sigma_data=0.5)
     rank_probe.watch("unet", pipe.unet)
@@ -230,7 +230,7 @@ def test_swapping_in_an_edm_scheduler_after_enabling_switches_the_row(rank_probe
 
 def test_diffusion_forcing_never_steps_the_pipeline_scheduler_it_snaps_to(rank_probe):
     """SkyReels-DF steps per-frame deep copies; `pipe.scheduler` only holds the shared timesteps."""
-    pipe, kw = fam.skyreels_v2_df()
+    pipe, kw = tiny.skyreels_v2_df()
     enable_tlora(pipe, max_rank=8)
     rank_probe.watch("transformer", pipe.transformer)
     pipe(**kw)
@@ -243,13 +243,13 @@ def test_diffusion_forcing_never_steps_the_pipeline_scheduler_it_snaps_to(rank_p
 def test_video_denoisers_warn_once_per_process(caplog):
     api._warn_video_once.cache_clear()
     image_pipe, _ = tiny.sd3()
-    video_pipe, _ = tiny.wan22_ti2v()
+    video_pipe, _ = tiny.wan("2.2_ti2v")
     with caplog.at_level(logging.WARNING, logger="tlora_hooks"):
         enable_tlora(image_pipe, max_rank=8)
         assert not caplog.records
         enable_tlora(video_pipe, max_rank=8)
         enable_tlora(video_pipe, max_rank=8)
-        enable_tlora(tiny.wan22_ti2v()[0], max_rank=8)
+        enable_tlora(tiny.wan("2.2_ti2v")[0], max_rank=8)
     warnings = [record for record in caplog.records if "experimental" in record.getMessage()]
     assert len(warnings) == 1
     message = warnings[0].getMessage()

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lycoris import LycorisNetwork, create_lycoris
 
 import tiny
+from compat_tools import hook_counts
+from devtools.lycoris_build import lycoris_without_gc
 from tlora_hooks import TLoRAError, enable_tlora
+from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import STATE_ATTRIBUTE
-
-
-def hook_count(module: torch.nn.Module) -> tuple[int, int]:
-    return len(module._forward_pre_hooks), len(module._forward_hooks)
 
 
 def snapshot(pipe):
     """What a failed enable must leave untouched: hooks, mask groups, outputs."""
     unet = pipe.unet
-    groups = [m.mask_group_id for layer in unet.modules() for m in layer.__dict__.get("_lycoris_wrappers", ())]
-    return hook_count(unet), groups, STATE_ATTRIBUTE in unet.__dict__
+    groups = [m.mask_group_id for m in applied_tlora_modules(unet)]
+    return hook_counts(unet), groups, STATE_ATTRIBUTE in unet.__dict__
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +76,11 @@ def test_enabling_again_with_bad_settings_keeps_the_working_hooks(sdxl):
 
 
 def test_pipeline_without_tlora_names_the_components():
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=16, out_channels=4,
-    )
-    pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, transformer=transformer,
-    )
+    pipe, _ = tiny.sd3(rank=None)
+    transformer = pipe.transformer
     with pytest.raises(TLoRAError, match=r"No T-LoRA modules found.*transformer \(SD3Transformer2DModel\)"):
         enable_tlora(pipe)
-    assert hook_count(transformer) == (0, 0)
+    assert hook_counts(transformer) == (0, 0)
 
 
 def test_pipeline_with_no_modules_at_all():
@@ -115,12 +105,9 @@ def test_merged_weights_are_an_error_not_a_silent_no_op():
 
     pipe, _ = tiny.sdxl(rank=None)
     source = tiny.sdxl(rank=None)[0].unet
-    LycorisNetwork.apply_preset({"target_module": list(tiny.TARGETS)})
-    with tiny.lycoris_without_gc():
-        network = create_lycoris(source, 1.0, linear_dim=4, linear_alpha=4, algo="tlora", warn_on_unmatched=False)
-    network.apply_to()  # registers the modules, so state_dict() holds them
+    network = tiny.apply_tlora(source, 4)  # apply_to() registers the modules, so state_dict() holds them
     state = network.state_dict()
-    with tiny.lycoris_without_gc():
+    with lycoris_without_gc():
         merged, _ = create_lycoris_from_weights(1.0, None, pipe.unet, weights_sd=state)
     assert len(merged.loras) == len(network.loras) > 0
     merged.merge_to()
@@ -141,8 +128,7 @@ class ToyDenoiser(torch.nn.Module):
 
 def toy_with_tlora():
     toy = ToyDenoiser()
-    LycorisNetwork.apply_preset({"target_module": ["ToyDenoiser"]})
-    create_lycoris(toy, 1.0, linear_dim=4, linear_alpha=4, algo="tlora", warn_on_unmatched=False).apply_to()
+    tiny.apply_tlora(toy, 4, targets=("ToyDenoiser",))
     return toy
 
 
@@ -151,7 +137,7 @@ def test_unknown_denoiser_class_names_it_and_shows_timestep_fn():
     with pytest.raises(TLoRAError) as error:
         enable_tlora(toy, max_rank=4)
     assert "ToyDenoiser" in str(error.value) and "timestep_fn=" in str(error.value)
-    assert hook_count(toy) == (0, 0)
+    assert hook_counts(toy) == (0, 0)
 
 
 def test_timestep_fn_serves_an_unknown_class(rank_probe):

@@ -21,9 +21,10 @@ import pytest
 import torch
 from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
 
-import tiny_families as fam
+import tiny
 from conftest import lycoris_rank
 from tlora_hooks import enable_tlora
+from tlora_hooks.discovery import applied_tlora_modules
 
 SCHEDULE = (8, 1, 1.0)  # max_rank, min_rank, alpha
 # Mochi's rotary embedding asks CPU autocast for float32, which CPU autocast does not do; harmless here.
@@ -103,60 +104,62 @@ def case(build, *denoisers: str, noise_ward=loop_timestep, calls_per_step=(1,), 
 
 CASES: dict[str, Case] = {
     # images
-    "sd15_pndm": case(lambda: fam.sd15("pndm"), "unet", repeats_timesteps=True),
-    "sd15_heun": case(lambda: fam.sd15("heun"), "unet", repeats_timesteps=True),  # 2 calls per step, different t
-    "sdxl": case(fam.sdxl, "unet"),
-    "sdxl_img2img": case(lambda: fam.sdxl(img2img=True), "unet"),  # begin_index != 0
-    "sdxl_edm_playground": case(lambda: fam.sdxl("edm"), "unet", noise_ward=edm_sigma),
-    "sdxl_continuous_cosxl": case(lambda: fam.sdxl("continuous"), "unet", noise_ward=edm_sigma),
-    "sd3": case(fam.sd3),
-    "sd3_skip_layer_guidance": case(lambda: fam.sd3(skip_layer_guidance=True), calls_per_step=(1, 2)),
-    "flux_true_cfg": case(fam.flux, calls_per_step=(2,), atol=0),
-    "flux_kontext": case(lambda: fam.flux("kontext"), atol=0),
-    "flux_fill": case(lambda: fam.flux("fill"), atol=0),
-    "flux_img2img": case(lambda: fam.flux("img2img"), atol=0),
-    "flux2": case(fam.flux2, atol=0),
-    "flux2_klein_base": case(lambda: fam.flux2("klein_base"), calls_per_step=(2,), atol=0),
-    "chroma": case(fam.chroma, calls_per_step=(2,), atol=0),
-    "qwen_image_true_cfg": case(fam.qwen_image, calls_per_step=(2,), atol=0),
-    "sana": case(fam.sana),
-    "sana_sprint": case(fam.sana_sprint, noise_ward=trigflow),
-    "pixart_sigma": case(fam.pixart_sigma, legacy_callback=True),
-    "auraflow_fp16": case(fam.auraflow, atol=0),
-    "lumina2": case(fam.lumina2, calls_per_step=(2,)),
-    "hidream": case(fam.hidream),
-    "hunyuan_dit": case(fam.hunyuan_dit),
-    "kandinsky22_prior": case(lambda: fam.kandinsky22("prior"), "prior"),
-    "kandinsky22_decoder": case(fam.kandinsky22, "unet"),
+    "sd15_pndm": case(lambda: tiny.sd15("pndm"), "unet", repeats_timesteps=True),
+    "sd15_heun": case(lambda: tiny.sd15("heun"), "unet", repeats_timesteps=True),  # 2 calls per step, different t
+    "sdxl": case(tiny.sdxl, "unet"),
+    "sdxl_img2img": case(lambda: tiny.sdxl(img2img=True), "unet"),  # begin_index != 0
+    "sdxl_edm_playground": case(lambda: tiny.sdxl("edm"), "unet", noise_ward=edm_sigma),
+    "sdxl_continuous_cosxl": case(lambda: tiny.sdxl("continuous"), "unet", noise_ward=edm_sigma),
+    "sd3": case(tiny.sd3),
+    "sd3_skip_layer_guidance": case(lambda: tiny.sd3(skip_layer_guidance=True), calls_per_step=(1, 2)),
+    "flux_true_cfg": case(tiny.flux, calls_per_step=(2,), atol=0),
+    "flux_kontext": case(lambda: tiny.flux("kontext"), atol=0),
+    "flux_fill": case(lambda: tiny.flux("fill"), atol=0),
+    "flux_img2img": case(lambda: tiny.flux("img2img"), atol=0),
+    "flux2": case(tiny.flux2, atol=0),
+    "flux2_klein_base": case(lambda: tiny.flux2("klein_base"), calls_per_step=(2,), atol=0),
+    "chroma": case(tiny.chroma, calls_per_step=(2,), atol=0),
+    "qwen_image_true_cfg": case(tiny.qwen_image, calls_per_step=(2,), atol=0),
+    "sana": case(tiny.sana),
+    "sana_sprint": case(tiny.sana_sprint, noise_ward=trigflow),
+    "pixart_sigma": case(tiny.pixart_sigma, legacy_callback=True),
+    "auraflow_fp16": case(tiny.auraflow, atol=0),
+    "lumina2": case(tiny.lumina2, calls_per_step=(2,)),
+    "hidream": case(tiny.hidream),
+    "hunyuan_dit": case(tiny.hunyuan_dit),
+    "kandinsky22_prior": case(lambda: tiny.kandinsky22("prior"), "prior"),
+    "kandinsky22_decoder": case(tiny.kandinsky22, "unet"),
     "kandinsky22_combined": Case(
-        lambda: fam.kandinsky22("combined"),
+        lambda: tiny.kandinsky22("combined"),
         (Stage(("prior_prior",), scheduler="prior_scheduler", callback="prior_callback_on_step_end"), Stage(("unet",))),
     ),
-    "kandinsky3": case(fam.kandinsky3, "unet"),
-    "stable_cascade_prior": case(fam.stable_cascade, "prior", noise_ward=ratio),
-    "stable_cascade_decoder": case(lambda: fam.stable_cascade("decoder"), "decoder", noise_ward=ratio),
+    "kandinsky3": case(tiny.kandinsky3, "unet"),
+    "stable_cascade_prior": case(tiny.stable_cascade, "prior", noise_ward=ratio),
+    "stable_cascade_decoder": case(lambda: tiny.stable_cascade("decoder"), "decoder", noise_ward=ratio),
     "stable_cascade_combined": Case(
-        lambda: fam.stable_cascade("combined"),
+        lambda: tiny.stable_cascade("combined"),
         (Stage(("prior_prior",), ratio, "prior_scheduler", "prior_callback_on_step_end"), Stage(("decoder",), ratio)),
     ),
     # video
-    "cogvideox": case(fam.cogvideox),
-    "hunyuan_video_bf16": case(fam.hunyuan_video, atol=0),
-    "wan21": case(fam.wan21, calls_per_step=(2,)),
-    "wan22_a14b_both_experts": case(fam.wan22, "transformer", "transformer_2", calls_per_step=(2,)),
-    "wan22_ti2v_per_token": case(lambda: fam.wan22("ti2v"), calls_per_step=(2,)),
-    "ltx_t2v": case(fam.ltx),
-    "ltx_i2v_per_token": case(lambda: fam.ltx("i2v")),
-    "ltx_condition_per_token": case(lambda: fam.ltx("condition")),
-    "mochi_inverted": case(fam.mochi, noise_ward=pipeline_current),
-    "allegro": case(fam.allegro),
-    "skyreels_v2": case(fam.skyreels_v2, calls_per_step=(2,)),
-    "skyreels_v2_df_per_frame": case(fam.skyreels_v2_df, noise_ward=noisiest_frame, calls_per_step=(2,)),
-    "skyreels_v2_df_async": case(lambda: fam.skyreels_v2_df(ar_step=2), noise_ward=noisiest_frame,
+    "cogvideox": case(tiny.cogvideox),
+    "hunyuan_video_bf16": case(tiny.hunyuan_video, atol=0),
+    "wan21": case(tiny.wan, calls_per_step=(2,)),
+    "wan22_a14b_both_experts": case(
+        lambda: tiny.wan("2.2_a14b"), "transformer", "transformer_2", calls_per_step=(2,)
+    ),
+    "wan22_ti2v_per_token": case(lambda: tiny.wan("2.2_ti2v"), calls_per_step=(2,)),
+    "ltx_t2v": case(tiny.ltx),
+    "ltx_i2v_per_token": case(lambda: tiny.ltx("i2v")),
+    "ltx_condition_per_token": case(lambda: tiny.ltx("condition")),
+    "mochi_inverted": case(tiny.mochi, noise_ward=pipeline_current),
+    "allegro": case(tiny.allegro),
+    "skyreels_v2": case(tiny.skyreels_v2, calls_per_step=(2,)),
+    "skyreels_v2_df_per_frame": case(tiny.skyreels_v2_df, noise_ward=noisiest_frame, calls_per_step=(2,)),
+    "skyreels_v2_df_async": case(lambda: tiny.skyreels_v2_df(ar_step=2), noise_ward=noisiest_frame,
                                  calls_per_step=(2,)),
-    "cosmos1_edm": case(fam.cosmos, noise_ward=edm_sigma, calls_per_step=(2,), atol=0),
-    "cosmos2_t2i": case(lambda: fam.cosmos("2"), noise_ward=flow_time_of_sigma, calls_per_step=(2,), atol=0),
-    "cosmos2_5": case(lambda: fam.cosmos("2.5"), noise_ward=flow_sigma, calls_per_step=(2,), atol=0),
+    "cosmos1_edm": case(tiny.cosmos, noise_ward=edm_sigma, calls_per_step=(2,), atol=0),
+    "cosmos2_t2i": case(lambda: tiny.cosmos("2"), noise_ward=flow_time_of_sigma, calls_per_step=(2,), atol=0),
+    "cosmos2_5": case(lambda: tiny.cosmos("2.5"), noise_ward=flow_sigma, calls_per_step=(2,), atol=0),
 }
 
 
@@ -166,7 +169,7 @@ class StepRecorder:
     def __init__(self, pipe, stage: Stage, on_step: Callable[[int], None] | None = None):
         self.step = 0
         self.timesteps: list = []
-        self.pipeline_timesteps: list = []  # `pipe._current_timestep` at each step's end, where the pipeline sets it
+        self.pipeline_timesteps: list = []  # `pipe.current_timestep` at each step's end, where the pipeline has it
         self.call_steps: list[int] = []
         self.on_step = on_step
         self._handles = [getattr(pipe, name).register_forward_pre_hook(self._on_call) for name in stage.denoisers]
@@ -176,7 +179,7 @@ class StepRecorder:
 
     def callback(self, pipe, i, t, callback_kwargs):
         self.timesteps.append(t.clone() if isinstance(t, torch.Tensor) else t)
-        self.pipeline_timesteps.append(getattr(pipe, "_current_timestep", None))
+        self.pipeline_timesteps.append(getattr(pipe, "current_timestep", None))
         self.step = i + 1
         if self.on_step is not None:
             self.on_step(i + 1)
@@ -212,10 +215,6 @@ def run(pipe, kw, case: Case, recorders: list[StepRecorder]):
             recorder.close()
 
 
-def tlora_modules(denoiser):
-    return [m for layer in denoiser.modules() for m in layer.__dict__.get("_lycoris_wrappers", ())]
-
-
 def reference_run(case: Case, pipe, kw, hooked: list[StepRecorder]):
     """The stock pipeline with the LyCORIS mask set from the scheduler's own timestep before each step.
 
@@ -227,7 +226,7 @@ def reference_run(case: Case, pipe, kw, hooked: list[StepRecorder]):
     for index, (stage, steps) in enumerate(zip(case.stages, hooked)):
         group = 0 if len(case.stages) == 1 else 100 + index
         for name in stage.denoisers:
-            for module in tlora_modules(getattr(pipe, name)):
+            for module in applied_tlora_modules(getattr(pipe, name)):
                 module.mask_group_id = group
         scheduler = getattr(pipe, stage.scheduler)
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
-from lycoris.modules.tlora import _timestep_mask_storage, get_timestep_mask
+from lycoris.modules.tlora import get_timestep_mask
 
 import tiny
-from compat_tools import expected_ranks, run
-from tlora_hooks import TLoRAError, disable_tlora, enable_tlora
+from compat_tools import expected_ranks, hook_counts, run
+from tlora_hooks import TLoRAError, TLoRAHandle, disable_tlora, enable_tlora
 from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import STATE_ATTRIBUTE
 
@@ -26,10 +28,6 @@ SCHEDULE = (8, 1, 1.0)
 
 def latents() -> torch.Tensor:
     return torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-
-
-def hook_counts(module):
-    return len(module._forward_pre_hooks), len(module._forward_hooks)
 
 
 def raise_on_call(block, exception, call: int = 2):
@@ -115,19 +113,36 @@ def unmasked():
     return run(pipe, kw, latents())
 
 
-def assert_fully_disabled(pipe, kw, group, unmasked_out, counts):
-    assert get_timestep_mask(group) is None
-    assert hook_counts(pipe.transformer) == counts
-    assert STATE_ATTRIBUTE not in pipe.transformer.__dict__
-    assert {m.mask_group_id for m in applied_tlora_modules(pipe.transformer)} == {0}
-    assert torch.equal(run(pipe, kw, latents()), unmasked_out)
+@dataclass
+class Enabled:
+    """A tiny SD3 with T-LoRA hooks, its mask group, and its hook counts before enabling."""
+
+    pipe: Any
+    kw: dict
+    handle: TLoRAHandle
+    group: int
+    counts: tuple[int, int]
 
 
-def test_disable_from_a_step_callback(unmasked, rank_probe):
+def enable_on_sd3() -> Enabled:
     pipe, kw = tiny.sd3(steps=3)
     counts = hook_counts(pipe.transformer)
     handle = enable_tlora(pipe, *SCHEDULE)
-    group = handle.mask_groups["transformer"]
+    return Enabled(pipe, kw, handle, handle.mask_groups["transformer"], counts)
+
+
+def assert_fully_disabled(enabled: Enabled, unmasked_out):
+    pipe = enabled.pipe
+    assert get_timestep_mask(enabled.group) is None
+    assert hook_counts(pipe.transformer) == enabled.counts
+    assert STATE_ATTRIBUTE not in pipe.transformer.__dict__
+    assert {m.mask_group_id for m in applied_tlora_modules(pipe.transformer)} == {0}
+    assert torch.equal(run(pipe, enabled.kw, latents()), unmasked_out)
+
+
+def test_disable_from_a_step_callback(unmasked, rank_probe):
+    enabled = enable_on_sd3()
+    pipe, kw = enabled.pipe, enabled.kw
     rank_probe.watch("transformer", pipe.transformer)
 
     def disable_after_first_step(pipeline, step, timestep, callback_kwargs):
@@ -139,29 +154,25 @@ def test_disable_from_a_step_callback(unmasked, rank_probe):
     masked_first, *rest = rank_probe.ranks()
     assert masked_first == expected_ranks(pipe, SCHEDULE)[0] < 8 and rest == [8, 8], "unmasked after disabling"
     rank_probe.close()
-    assert_fully_disabled(pipe, kw, group, unmasked, counts)
+    assert_fully_disabled(enabled, unmasked)
 
 
 def test_disable_from_inside_the_forward(unmasked):
     """The call in flight finishes (its remaining layers unmasked); nothing is left set."""
-    pipe, kw = tiny.sd3(steps=3)
-    counts = hook_counts(pipe.transformer)
-    handle = enable_tlora(pipe, *SCHEDULE)
-    group = handle.mask_groups["transformer"]
+    enabled = enable_on_sd3()
+    pipe, kw = enabled.pipe, enabled.kw
     disabler = pipe.transformer.transformer_blocks[1].register_forward_pre_hook(
         lambda module, args: disable_tlora(pipe)
     )
     run(pipe, kw, latents())
     disabler.remove()
-    assert handle.denoisers == []
-    assert_fully_disabled(pipe, kw, group, unmasked, counts)
+    assert enabled.handle.denoisers == []
+    assert_fully_disabled(enabled, unmasked)
 
 
 def test_disable_from_another_thread_during_a_call(unmasked):
-    pipe, kw = tiny.sd3(steps=3)
-    counts = hook_counts(pipe.transformer)
-    handle = enable_tlora(pipe, *SCHEDULE)
-    group = handle.mask_groups["transformer"]
+    enabled = enable_on_sd3()
+    pipe, kw = enabled.pipe, enabled.kw
     inside, release = threading.Event(), threading.Event()
 
     def hold(module, args):
@@ -179,7 +190,7 @@ def test_disable_from_another_thread_during_a_call(unmasked):
     worker.join()
     gate.remove()
     assert errors == []
-    assert_fully_disabled(pipe, kw, group, unmasked, counts)
+    assert_fully_disabled(enabled, unmasked)
 
 
 # -- dropping the pipeline ----------------------------------------------------------------------------------------
@@ -192,7 +203,7 @@ def test_dropping_the_pipeline_frees_everything(interrupted):
         raise_on_call(pipe.transformer.transformer_blocks[0], KeyboardInterrupt(), call=1)
         with pytest.raises(KeyboardInterrupt):
             run(pipe, kw, latents())
-        assert group in _timestep_mask_storage
+        assert get_timestep_mask(group) is not None
     else:
         run(pipe, kw, latents())
     refs = {
@@ -204,6 +215,6 @@ def test_dropping_the_pipeline_frees_everything(interrupted):
     del pipe
     gc.collect()
     assert [name for name, ref in refs.items() if ref() is not None] == []
-    assert group not in _timestep_mask_storage, "a stale mask must not outlive the denoiser"
+    assert get_timestep_mask(group) is None, "a stale mask must not outlive the denoiser"
     assert handle.denoisers == []
     handle.remove()  # harmless once everything is gone

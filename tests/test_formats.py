@@ -66,12 +66,7 @@ def test_official_sdxl_keys_map_onto_the_layers_the_processor_adds_to(tmp_path, 
 
 
 def test_official_flux_pt_maps_context_projections_and_skips_unused_single_block_layers(tmp_path):
-    from diffusers import FluxTransformer2DModel
-
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-    )
+    transformer = tiny.flux_transformer(num_single_layers=2)
     state = tlora_files.official_state(transformer, 4, "vanilla")
     tlora_file = read_tlora_file(tlora_files.save_official_flux(state, tmp_path / "lora.pt"))
     names = lycoris_names(transformer)

@@ -10,13 +10,11 @@ import torch
 from lycoris.modules.tlora import get_timestep_mask
 
 import tiny
+from compat_tools import hook_counts
 from conftest import lycoris_rank
 from tlora_hooks import disable_tlora, enable_tlora
+from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import STATE_ATTRIBUTE
-
-
-def tlora_modules(denoiser):
-    return [m for layer in denoiser.modules() for m in layer.__dict__.get("_lycoris_wrappers", ())]
 
 
 def test_an_exception_inside_the_forward_leaves_no_mask(rank_probe):
@@ -39,20 +37,20 @@ def test_an_exception_inside_the_forward_leaves_no_mask(rank_probe):
 
 def test_enabling_twice_replaces_the_hooks():
     pipe, _ = tiny.sdxl()
-    before = len(pipe.unet._forward_pre_hooks), len(pipe.unet._forward_hooks)
+    before = hook_counts(pipe.unet)
     first = enable_tlora(pipe, max_rank=8)
     second = enable_tlora(pipe, max_rank=8, alpha=2.0)
-    assert (len(pipe.unet._forward_pre_hooks), len(pipe.unet._forward_hooks)) == (before[0] + 1, before[1] + 1)
+    assert hook_counts(pipe.unet) == (before[0] + 1, before[1] + 1)
     assert first.denoisers == [] and second.denoisers == ["unet"]
     assert getattr(pipe.unet, STATE_ATTRIBUTE).call_rank.schedule.alpha == 2.0
     disable_tlora(pipe)
-    assert (len(pipe.unet._forward_pre_hooks), len(pipe.unet._forward_hooks)) == before
+    assert hook_counts(pipe.unet) == before
     assert STATE_ATTRIBUTE not in pipe.unet.__dict__
 
 
 def test_handle_is_a_context_manager_and_restores_mask_groups():
     pipe, _ = tiny.sdxl()
-    modules = tlora_modules(pipe.unet)
+    modules = applied_tlora_modules(pipe.unet)
     assert {m.mask_group_id for m in modules} == {0}
     with enable_tlora(pipe, max_rank=8) as handle:
         group = handle.mask_groups["unet"]
@@ -86,7 +84,7 @@ def test_dropping_the_pipeline_frees_it():
 
 def test_per_token_timesteps_take_the_noisiest_token(rank_probe):
     """Image-to-video conditioning tokens get 0; the generated ones carry t, and set the rank."""
-    pipe, _ = tiny.wan22_ti2v()
+    pipe, _ = tiny.wan("2.2_ti2v")
     pipe.scheduler.set_timesteps(4)
     enable_tlora(pipe, max_rank=8)
     rank_probe.watch("transformer", pipe.transformer)
@@ -117,5 +115,5 @@ def test_mask_is_built_in_the_modules_dtype_on_the_call_device():
     handle = enable_tlora(pipe, max_rank=8, mode="lycoris")
     hook = getattr(pipe.transformer, STATE_ATTRIBUTE)
     mask = hook.mask_for(torch.tensor([0.5], dtype=torch.bfloat16), torch.device("cpu"))
-    assert mask.shape == (1, 8) and mask.dtype == tlora_modules(pipe.transformer)[0].lambda_layer.dtype
+    assert mask.shape == (1, 8) and mask.dtype == applied_tlora_modules(pipe.transformer)[0].lambda_layer.dtype
     handle.remove()

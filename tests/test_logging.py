@@ -33,7 +33,7 @@ def test_quiet_by_default(caplog, capfd):
 
 
 def test_one_info_line_names_the_denoisers_and_the_rank_range(caplog, info_verbosity):
-    pipe, _ = tiny.wan22_a14b(steps=2)
+    pipe, _ = tiny.wan("2.2_a14b", steps=2)
     caplog.clear()
     enable_tlora(pipe, max_rank=8, min_rank=2, alpha=0.5)
     (record,) = [r for r in library_records(caplog) if r.levelno == logging.INFO]

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
+from devtools.measure import KernelCounter, relative_error
 from tlora_hooks import disable_tlora, enable_tlora
 from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.modes import factors
@@ -53,10 +53,6 @@ def replay(denoiser, calls):
     """The same calls again, one by one (the hooks mask each from its own timestep)."""
     with torch.no_grad():
         return [first_tensor(denoiser(*args, **kwargs)).clone() for args, kwargs, _ in calls]
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -266,7 +262,7 @@ def test_fast_paths_follow_weights_moved_after_enabling(mode, caplog):
     assert "after enable_tlora" in caplog.text
     assert "converting them on every" not in caplog.text, "the bypass must rebuild its factors, not convert per call"
     for out, (_, _, ref) in zip(outputs, calls):
-        assert ((out - ref).abs().max() / ref.abs().max()).item() <= TOLERANCE[torch.bfloat16]
+        assert relative_error(out, ref) <= TOLERANCE[torch.bfloat16]
     assert_bit_identical(pipe.unet, expected)
 
 
@@ -284,19 +280,6 @@ def test_first_call_under_inference_mode_then_under_no_grad():
             assert relative_error(out, ref) <= TOLERANCE[torch.bfloat16]
 
 
-class KernelOps(TorchDispatchMode):
-    """Counts the operators a piece of code dispatches, views left out (they launch no kernel)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket is not torch.ops.aten._unsafe_view:
-            self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_low_memory_layer_runs_its_own_ops_plus_two_matmuls():
     """No per-layer mask multiply (the group's factor is masked once per call) and never LyCORIS's ΔW rebuild;
     outside a denoiser call the layer gives LyCORIS's unmasked output."""
@@ -306,11 +289,11 @@ def test_low_memory_layer_runs_its_own_ops_plus_two_matmuls():
     x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         unmasked = layer(x)  # LyCORIS's forward, no mask set: every rank
-        with KernelOps() as plain:
+        with KernelCounter() as plain:
             module.org_forward(x)
         with enable_tlora(pipe, max_rank=8, mode="low_memory"):
             pipe(**kw)
-            with KernelOps() as bypassed:
+            with KernelCounter() as bypassed:
                 out = layer(x)
     assert bypassed.ops - plain.ops == Counter({"aten.mm": 1, "aten.addmm_": 1})
     assert plain.ops - bypassed.ops == Counter()

@@ -7,19 +7,9 @@ import torch
 
 import reference_loops
 import tiny
+from compat_tools import expected_ranks, run
 from conftest import lycoris_rank
 from tlora_hooks import disable_tlora, enable_tlora
-
-
-def run(pipe, kw, latents):
-    return pipe(**kw, latents=latents.clone(), return_dict=False)[0]
-
-
-def expected_ranks(pipe, schedule, calls_per_step):
-    """Reference ranks from the scheduler's own timesteps: one per denoiser call."""
-    max_rank, min_rank, alpha = schedule
-    T = pipe.scheduler.config.num_train_timesteps
-    return [lycoris_rank(t, T, max_rank, min_rank, alpha) for t in pipe.scheduler.timesteps for _ in range(calls_per_step)]
 
 
 CASES = {
@@ -27,8 +17,12 @@ CASES = {
     "sdxl": (tiny.sdxl, reference_loops.sdxl, (1, 4, 4, 4), torch.float32, (8, 1, 1.0), 1, 1e-5),
     "sd3": (tiny.sd3, reference_loops.sd3, (1, 4, 4, 4), torch.float32, (8, 2, 2.0), 1, 1e-5),
     "flux_bf16_true_cfg": (tiny.flux, reference_loops.flux, (1, 4, 4), torch.bfloat16, (8, 1, 0.5), 2, 0.0),
-    "wan22_a14b": (tiny.wan22_a14b, reference_loops.wan, (1, 16, 2, 2, 2), torch.float32, (8, 1, 1.0), 2, 1e-5),
-    "wan22_ti2v_per_token": (tiny.wan22_ti2v, reference_loops.wan, (1, 16, 2, 2, 2), torch.float32, (8, 3, 1.0), 2, 1e-5),
+    "wan22_a14b": (
+        lambda: tiny.wan("2.2_a14b"), reference_loops.wan, (1, 16, 2, 2, 2), torch.float32, (8, 1, 1.0), 2, 1e-5
+    ),
+    "wan22_ti2v_per_token": (
+        lambda: tiny.wan("2.2_ti2v"), reference_loops.wan, (1, 16, 2, 2, 2), torch.float32, (8, 3, 1.0), 2, 1e-5
+    ),
 }
 
 
@@ -58,7 +52,7 @@ def test_hooked_pipeline_matches_reference_loop(case, rank_probe):
 
 
 def test_wan22_routes_each_expert_its_own_steps(rank_probe):
-    pipe, kw = tiny.wan22_a14b()
+    pipe, kw = tiny.wan("2.2_a14b")
     rank_probe.watch("transformer", pipe.transformer).watch("transformer_2", pipe.transformer_2)
     enable_tlora(pipe, max_rank=8)
     run(pipe, kw, torch.randn(1, 16, 2, 2, 2))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lycoris.modules.tlora import TLoraModule
 
-import tiny
+from devtools.lycoris_build import lycoris_without_gc
 from tlora_hooks.loading import TLoraModuleWithoutSvd
 from tlora_hooks.rebuild import DECOMPOSITIONS, principal_base_terms, rebuild_base_terms
 
@@ -29,7 +29,7 @@ def _rank_deficient():
 
 
 def lycoris_module(layer, rank=8):
-    with tiny.lycoris_without_gc():
+    with lycoris_without_gc():
         return TLoraModule("x", layer, lora_dim=rank, alpha=rank)
 
 
@@ -104,7 +104,7 @@ def test_batched_stacks_decompose_like_single_matrices():
 def rebuilt_base_terms(layers, rank: int, workers: int) -> list[torch.Tensor]:
     """Each layer's base terms (flattened) after one `rebuild_base_terms` over all of them with `workers` batches at
     once; built under inference mode, whose buffers only inference mode can write."""
-    with tiny.lycoris_without_gc(), torch.inference_mode():
+    with lycoris_without_gc(), torch.inference_mode():
         device = layers[0].weight.device
         modules = [TLoraModuleWithoutSvd("x", layer, lora_dim=rank, alpha=rank).to(device) for layer in layers]
         rebuild_base_terms(modules, progress=False, workers=workers)

@@ -1,4 +1,4 @@
-"""The support matrix in the README is generated from the convention table and the test cases, and stays so."""
+"""docs/supported-pipelines.md's matrix is generated from the convention table and the test cases, and stays so."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import pytest
 
 import test_families
 from tlora_hooks.commands import main
-from tlora_hooks.support import BEGIN, END, FAMILIES, readme_section
+from tlora_hooks.support import BEGIN, END, FAMILIES, MATRIX_PAGE, readme_section
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+MATRIX_FILE = Path(__file__).resolve().parents[1] / MATRIX_PAGE
 
 
-def test_readme_matrix_is_the_generated_one():
-    text = README.read_text(encoding="utf-8")
+def test_documented_matrix_is_the_generated_one():
+    text = MATRIX_FILE.read_text(encoding="utf-8")
     section = text[text.index(BEGIN): text.index(END) + len(END)]
-    assert section == readme_section(), "run `python -m tlora_hooks support --write README.md`"
+    assert section == readme_section(), f"run `python -m tlora_hooks support --write {MATRIX_PAGE}`"
 
 
 def test_every_tested_family_names_tests_that_exist():

@@ -93,7 +93,8 @@ def build_sdxl(device, dtype, reduced, resolution):
     pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
     randn = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
     inputs = dict(
-        sample=randn(batch, 4, latent, latent), encoder_hidden_states=randn(batch, text_tokens, config["cross_attention_dim"]),
+        sample=randn(batch, 4, latent, latent),
+        encoder_hidden_states=randn(batch, text_tokens, config["cross_attention_dim"]),
         added_cond_kwargs={"text_embeds": randn(batch, pooled), "time_ids": randn(batch, 6)},
     )
     scheduler = EulerDiscreteScheduler(
@@ -230,7 +231,9 @@ def run_model(kind, args, device, dtype):
     if kind == "sdxl":
         model, call, scheduler, targets, shape = build_sdxl(device, dtype, reduced, args.res)
     else:
-        model, call, scheduler, targets, shape = build_flux(device, dtype, reduced, args.res, args.flux_blocks == "full")
+        model, call, scheduler, targets, shape = build_flux(
+            device, dtype, reduced, args.res, args.flux_blocks == "full"
+        )
     model.eval().requires_grad_(False)
     network = add_tlora(model, targets, args.rank, device)
     scheduler.set_timesteps(args.steps, **({"mu": 1.0} if kind == "flux" else {}))
@@ -244,7 +247,9 @@ def run_model(kind, args, device, dtype):
     for repetition in range(args.reps):
         order = args.variants[repetition % len(args.variants):] + args.variants[: repetition % len(args.variants)]
         for name in order:
-            seconds, peak, extra, mode = time_variant(name, model, network, call, timesteps, args, scheduler, device, dtype)
+            seconds, peak, extra, mode = time_variant(
+                name, model, network, call, timesteps, args, scheduler, device, dtype
+            )
             samples[name].append(seconds)
             peaks[name] = max(peaks.get(name) or 0.0, peak or 0.0) if peak is not None else None
             extras[name], resolved[name] = extra, mode
@@ -252,7 +257,8 @@ def run_model(kind, args, device, dtype):
     medians = {name: statistics.median(values) for name, values in samples.items()}
     plain = medians.get("plain")
     result = dict(
-        model=kind, shape=shape, device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        model=kind, shape=shape,
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         dtype=str(dtype).replace("torch.", ""), reduced=reduced, rank=args.rank, steps=args.steps, reps=args.reps,
         tlora_modules=len(network.loras), params=sum(p.numel() for p in model.parameters()),
         torch=torch.__version__, diffusers=version("diffusers"), lycoris=version("lycoris-lora"),
@@ -313,7 +319,8 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args.steps = args.steps or (8 if device == "cuda" else 3)
     args.reps = args.reps or 3
-    args.variants = [v for v in (args.variants or ",".join(CUDA_VARIANTS if device == "cuda" else VARIANTS)).split(",") if v]
+    requested = args.variants or ",".join(CUDA_VARIANTS if device == "cuda" else VARIANTS)
+    args.variants = [v for v in requested.split(",") if v]
     unknown = set(args.variants) - set(CUDA_VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")

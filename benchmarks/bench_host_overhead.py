@@ -88,8 +88,12 @@ def main() -> None:
         torch=torch.__version__, diffusers=version("diffusers"), lycoris=version("lycoris-lora"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         us_per_layer_call={name: round(value * 1e6, 2) for name, value in per_layer.items()},
-        us_over_plain_per_layer={name: round((value - per_layer["plain"]) * 1e6, 2) for name, value in per_layer.items()},
-        ms_per_denoiser_call_all_layers={name: round(value * len(layers) * 1e3, 3) for name, value in per_layer.items()},
+        us_over_plain_per_layer={
+            name: round((value - per_layer["plain"]) * 1e6, 2) for name, value in per_layer.items()
+        },
+        ms_per_denoiser_call_all_layers={
+            name: round(value * len(layers) * 1e3, 3) for name, value in per_layer.items()
+        },
         us_mask_update_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in updates.items() if v},
     )
     print(f"{'variant':16}{'us/layer call':>15}{'over plain':>12}{'ms per call, all layers':>26}")

@@ -1,4 +1,4 @@
-"""Loading a T-LoRA file: LyCORIS `create_lycoris_from_weights` vs `tlora_hooks.load_tlora`, side by side in one process.
+"""Loading a T-LoRA file: LyCORIS `create_lycoris_from_weights` vs `tlora_hooks.load_tlora`, in one process.
 
     python benchmarks/bench_load.py            # CUDA: the full SDXL UNet (700 modules, rank 64); else a mid-size UNet
     python benchmarks/bench_load.py --size mid # force the CPU-sized model
@@ -45,8 +45,8 @@ from tlora_hooks.schedule import masks_by_rank  # noqa: E402
 SIZES = {
     "sdxl": {},
     # SDXL's layout at a fifth of its width and fewer transformer layers: 170 T-LoRA modules, 128/256 wide.
-    "mid": dict(block_out_channels=[64, 128, 256], attention_head_dim=[1, 2, 4], transformer_layers_per_block=[1, 1, 2],
-                norm_num_groups=32),
+    "mid": dict(block_out_channels=[64, 128, 256], attention_head_dim=[1, 2, 4],
+                transformer_layers_per_block=[1, 1, 2], norm_num_groups=32),
     # For the test suite: seconds.
     "tiny": dict(block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], cross_attention_dim=64,
                  transformer_layers_per_block=[1, 1, 1], addition_time_embed_dim=8, norm_num_groups=8,
@@ -103,7 +103,7 @@ def time_load_tlora(unet, path: str, device: str, cache_base=False) -> float:
 
 
 def time_lycoris(unet, path: str, device: str, weights_sd=None, collect: bool = True):
-    """`create_lycoris_from_weights` + `apply_to()` + `.to(device)`, as LyCORIS ships (gc.collect per module) or not."""
+    """`create_lycoris_from_weights` + `apply_to()` + `.to(device)`, as shipped (gc.collect per module) or not."""
     sync(device)
     with contextlib.nullcontext() if collect else lycoris_without_gc():
         start = time.perf_counter()
@@ -238,7 +238,8 @@ def main() -> None:
             names = list(layers)[:subset]
             subset_sd = {k: v for k, v in load_file(path).items() if k.split(".")[0] in names}
             subset_path = os.path.join(folder, "subset.safetensors")
-            save_file(subset_sd, subset_path, {"lycoris_config": json.dumps({"tlora_min_rank": 1, "tlora_alpha": 1.0})})
+            metadata = {"lycoris_config": json.dumps({"tlora_min_rank": 1, "tlora_alpha": 1.0})}
+            save_file(subset_sd, subset_path, metadata)
         result["load_tlora_cold_s"] = round(time_load_tlora(unet, path, device), 3)
         result["rebuild_s"] = rebuild_worker_timings(applied_tlora_modules(unet), device, reps)
         print(json.dumps({"rebuild_s": result["rebuild_s"]}), flush=True)
@@ -269,7 +270,8 @@ def main() -> None:
                 unload_tlora(unet)
             hits.append(time_load_tlora(unet, path, device, cache_base=cache))
             result["cache_hit_bit_identical"] = all(
-                all(torch.equal(a, b) for a, b in zip(terms, rebuilt[name])) for name, terms in base_terms(unet).items()
+                all(torch.equal(a, b) for a, b in zip(terms, rebuilt[name]))
+                for name, terms in base_terms(unet).items()
             )
             unload_tlora(unet)
             print(json.dumps({"rep": len(ours), "load_tlora_s": ours[-1], "lycoris_s": theirs[-1],

@@ -44,13 +44,14 @@ def cost(kind: str, rank: int = 64) -> dict:
     total = flops.get_total_flops()
     weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
     bypass = sum(2 * tokens[layer] * 2 * rank * (layer.in_features + layer.out_features) for layer in layers)
+    targeted = sum(2 * tokens[layer] * layer.in_features * layer.out_features for layer in layers)
     fold = sum(2 * 2 * rank * layer.in_features * layer.out_features for layer in layers)
     size = torch.empty((), dtype=dtype).element_size()
     factors = sum(2 * rank * (layer.in_features + layer.out_features) * size for layer in layers)
     masked_copies = sum(2 * rank * min(layer.in_features, layer.out_features) * size for layer in layers)
     return dict(
         model=kind, shape=shape, tlora_layers=len(layers), plain_gflop=round(total / 1e9),
-        targeted_linear_share=round(sum(2 * tokens[l] * l.in_features * l.out_features for l in layers) / total, 3),
+        targeted_linear_share=round(targeted / total, 3),
         plain_kernels=kernels.count,
         bypass_extra_flop_share=round(bypass / total, 4), bypass_extra_kernels=2 * len(layers),
         fold_gib_moved_per_call=round(2 * weight_bytes / 2**30, 2), fold_extra_flop_share=round(fold / total, 4),

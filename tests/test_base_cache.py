@@ -16,8 +16,7 @@ from safetensors.torch import save_file
 
 import tiny
 import tlora_files
-from tlora_hooks import TLoRAError, load_tlora
-from tlora_hooks import base_cache, loading, rebuild
+from tlora_hooks import TLoRAError, base_cache, load_tlora, loading, rebuild
 from tlora_hooks.discovery import applied_tlora_modules
 
 SCHEDULE = dict(linear_dim=8, linear_alpha=4, tlora_min_rank=2, tlora_alpha=0.5)
@@ -292,7 +291,8 @@ def test_off_by_default_and_nothing_cached_when_the_file_saves_its_base(tlora_pa
     fresh_load(tlora_path, cache_base=False)
     assert os.listdir(tlora_path.parent) == ["tlora.safetensors"]
     pipe, _ = tiny.sdxl(rank=None, steps=2)
-    ortho = tlora_files.save_official_sdxl(tlora_files.official_state(pipe.unet, 4, "ortho"), tmp_path / "o.safetensors")
+    state = tlora_files.official_state(pipe.unet, 4, "ortho")
+    ortho = tlora_files.save_official_sdxl(state, tmp_path / "o.safetensors")
     load_tlora(pipe, ortho, min_rank=1, cache_base=tmp_path / "ortho_cache")
     assert not (tmp_path / "ortho_cache").exists() and rebuilds == [40]
 
@@ -337,7 +337,7 @@ def test_the_checksum_is_exact_integer_arithmetic():
     """Compared with the same sum done in Python integers mod 2^64."""
     weight = torch.randn(5, 7, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     values = weight.view(torch.int16).reshape(-1).tolist()
-    odd = base_cache._odd_multipliers(len(values), torch.device("cpu")).tolist()
+    odd = base_cache.odd_multipliers(len(values), torch.device("cpu")).tolist()
     expected = sum(v * m for v, m in zip(values, odd)) % 2**64
     [checksum] = base_cache.weight_checksums([weight])
     assert checksum % 2**64 == expected and all(m % 2 for m in odd)

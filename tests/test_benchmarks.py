@@ -16,7 +16,7 @@ BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 @pytest.fixture
 def run(monkeypatch, capsys):
-    """Runs a benchmark script in this process (its imports are already loaded) and returns its `RESULT {json}` lines."""
+    """Runs a benchmark script in this process (its imports already loaded) and returns its `RESULT {json}` lines."""
     monkeypatch.syspath_prepend(BENCHMARKS)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU sizes, on any machine
 

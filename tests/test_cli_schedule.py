@@ -36,7 +36,9 @@ def test_rank_per_euler_step(capsys):
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     scheduler.set_timesteps(25)
-    out, rows = table(capsys, "--max-rank", "64", "--min-rank", "4", "--alpha", "2.0", "--scheduler", "euler", "--steps", "25")
+    out, rows = table(
+        capsys, "--max-rank", "64", "--min-rank", "4", "--alpha", "2.0", "--scheduler", "euler", "--steps", "25"
+    )
     assert "25 steps of EulerDiscreteScheduler" in out
     assert [step for step, _, _ in rows] == list(range(25))
     assert [t for _, t, _ in rows] == scheduler.timesteps.tolist()

@@ -14,8 +14,7 @@ from torch import nn
 import tiny
 from compat_tools import hook_counts
 from conftest import lycoris_rank
-from tlora_hooks import TLoRAError, enable_tlora, register_convention
-from tlora_hooks import api, conventions
+from tlora_hooks import TLoRAError, api, conventions, enable_tlora, register_convention
 
 # Mochi's rotary embedding asks CPU autocast for float32, which CPU autocast does not do; harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
 @pytest.fixture
 def private_table(monkeypatch):
     """Registrations in a test stay in that test."""
-    for table in ("_CONVENTIONS", "_PIPELINE_CONVENTIONS", "_SCHEDULER_CONVENTIONS"):
+    for table in ("CONVENTIONS", "PIPELINE_CONVENTIONS", "SCHEDULER_CONVENTIONS"):
         monkeypatch.setattr(conventions, table, dict(getattr(conventions, table)))
 
 
@@ -33,24 +32,24 @@ def forward_parameters(cls) -> set[str]:
     return set(inspect.signature(cls.forward).parameters)
 
 
-BUILT_IN_ROWS = sorted(name for name, row in conventions._CONVENTIONS.items() if row.note != "registered by the user")
+BUILT_IN_ROWS = sorted(name for name, row in conventions.CONVENTIONS.items() if row.note != "registered by the user")
 
 
 @pytest.mark.parametrize("name", BUILT_IN_ROWS)
 def test_every_class_row_names_a_real_denoiser_parameter(name):
-    row = conventions._CONVENTIONS[name]
+    row = conventions.CONVENTIONS[name]
     assert row.param in forward_parameters(getattr(diffusers, name))
     assert row.note, "every row says why"
 
 
 def test_pipeline_and_scheduler_rows_name_real_classes():
-    for pipeline, denoiser in conventions._PIPELINE_CONVENTIONS:
+    for pipeline, denoiser in conventions.PIPELINE_CONVENTIONS:
         assert issubclass(getattr(diffusers, pipeline), diffusers.DiffusionPipeline)
-        assert denoiser in conventions._CONVENTIONS
-    for match, denoiser in conventions._SCHEDULER_CONVENTIONS:
+        assert denoiser in conventions.CONVENTIONS
+    for match, denoiser in conventions.SCHEDULER_CONVENTIONS:
         scheduler = getattr(diffusers, match.cls)
         assert all(key in inspect.signature(scheduler.__init__).parameters for key, _ in match.config)
-        assert denoiser in conventions._CONVENTIONS
+        assert denoiser in conventions.CONVENTIONS
 
 
 def test_maps_send_each_scale_to_the_noise_ward_timestep():
@@ -241,7 +240,7 @@ def test_diffusion_forcing_never_steps_the_pipeline_scheduler_it_snaps_to(rank_p
 
 # -- the video warning -----------------------------------------------------------------------------------------
 def test_video_denoisers_warn_once_per_process(caplog):
-    api._warn_video_once.cache_clear()
+    api.warn_video_once.cache_clear()
     image_pipe, _ = tiny.sd3()
     video_pipe, _ = tiny.wan("2.2_ti2v")
     with caplog.at_level(logging.WARNING, logger="tlora_hooks"):

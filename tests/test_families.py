@@ -131,7 +131,10 @@ CASES: dict[str, Case] = {
     "kandinsky22_decoder": case(tiny.kandinsky22, "unet"),
     "kandinsky22_combined": Case(
         lambda: tiny.kandinsky22("combined"),
-        (Stage(("prior_prior",), scheduler="prior_scheduler", callback="prior_callback_on_step_end"), Stage(("unet",))),
+        (
+            Stage(("prior_prior",), scheduler="prior_scheduler", callback="prior_callback_on_step_end"),
+            Stage(("unet",)),
+        ),
     ),
     "kandinsky3": case(tiny.kandinsky3, "unet"),
     "stable_cascade_prior": case(tiny.stable_cascade, "prior", noise_ward=ratio),

@@ -42,7 +42,9 @@ def raise_on_call(block, exception, call: int = 2):
     return block.register_forward_pre_hook(maybe_raise)
 
 
-@pytest.mark.parametrize("exception", [RuntimeError("boom"), KeyboardInterrupt()], ids=["Exception", "KeyboardInterrupt"])
+@pytest.mark.parametrize(
+    "exception", [RuntimeError("boom"), KeyboardInterrupt()], ids=["Exception", "KeyboardInterrupt"]
+)
 def test_interrupted_run_keeps_hooks_and_the_next_run_is_right(exception, rank_probe):
     pipe, kw = tiny.sd3(steps=3)
     handle = enable_tlora(pipe, *SCHEDULE)
@@ -92,7 +94,9 @@ def test_an_error_in_the_pre_hook_releases_the_denoiser():
         pipe.transformer(**inputs)
     assert get_timestep_mask(handle.mask_groups["transformer"]) is None
     errors = []
-    thread = threading.Thread(target=lambda: _call_or_record(errors, pipe.transformer, timestep=torch.tensor([500.0]), **inputs))
+    thread = threading.Thread(
+        target=lambda: _call_or_record(errors, pipe.transformer, timestep=torch.tensor([500.0]), **inputs)
+    )
     thread.start()
     thread.join()
     assert errors == []

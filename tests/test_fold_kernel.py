@@ -24,10 +24,10 @@ def device(monkeypatch):
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel's module is imported
         sys.modules.pop("tlora_hooks.modes.fold_triton", None)
-        fold_kernel._kernel.cache_clear()
+        fold_kernel.triton_kernel.cache_clear()
         yield torch.device("cpu")
     sys.modules.pop("tlora_hooks.modes.fold_triton", None)
-    fold_kernel._kernel.cache_clear()
+    fold_kernel.triton_kernel.cache_clear()
 
 
 def half_dtypes(device):

@@ -75,7 +75,8 @@ def test_official_flux_pt_maps_context_projections_and_skips_unused_single_block
     mapped = {module.source_key: names[name] for name, module in tlora_file.modules.items()}
     assert mapped.keys() == used.keys()
     assert all(mapped[prefix] is layer for prefix, layer in used.items())
-    assert mapped["transformer_blocks.0.attn.processor.to_q_proj_lora"] is transformer.transformer_blocks[0].attn.add_q_proj
+    first_attention = transformer.transformer_blocks[0].attn
+    assert mapped["transformer_blocks.0.attn.processor.to_q_proj_lora"] is first_attention.add_q_proj
     unused = {key.rsplit(".", 2)[0] for key in tlora_file.unused_keys}
     assert unused == {prefix for prefix, layer in layers.items() if layer is None} and len(unused) == 8
     assert tlora_file.unknown_keys == []
@@ -224,7 +225,8 @@ def test_convert_writes_a_lycoris_tlora_file_with_the_schedule(tmp_path, sdxl_un
 
 
 def test_convert_asks_for_min_rank_when_the_file_does_not_say(tmp_path, sdxl_unet, capsys):
-    source = tlora_files.save_official_sdxl(tlora_files.official_state(sdxl_unet, 4, "vanilla"), tmp_path / "v.safetensors")
+    state = tlora_files.official_state(sdxl_unet, 4, "vanilla")
+    source = tlora_files.save_official_sdxl(state, tmp_path / "v.safetensors")
     assert main(["convert", source, str(tmp_path / "out.safetensors")]) == 2
     assert "--min-rank" in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from compat_tools import StepToyDenoiser, toy_with_tlora
+from compat_tools import StepToyDenoiser, hook_counts, toy_with_tlora
 from conftest import lycoris_rank
 from tlora_hooks import TLoRAError, enable_tlora, register_convention
 from tlora_hooks.discovery import applied_tlora_modules
+from tlora_hooks.hooks import STATE_ATTRIBUTE
 
 T, MAX_RANK, MIN_RANK = 1000, 8, 2
 DTYPES = {"int64": torch.int64, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -169,10 +170,10 @@ INVALID_SETTINGS = [
 def test_invalid_settings_raise_at_enable_time_and_change_nothing(settings):
     toy = toy_with_tlora(rank=MAX_RANK)
     enable_tlora(toy, MAX_RANK, MIN_RANK, alpha=2.0)
-    state = (len(toy._forward_pre_hooks), len(toy._forward_hooks),
-             [m.mask_group_id for m in applied_tlora_modules(toy)], toy._tlora_hooks_state)
+    state = (hook_counts(toy), [m.mask_group_id for m in applied_tlora_modules(toy)], getattr(toy, STATE_ATTRIBUTE))
     with pytest.raises(TLoRAError):
         enable_tlora(toy, **{"max_rank": MAX_RANK, **settings})
-    assert state == (len(toy._forward_pre_hooks), len(toy._forward_hooks),
-                     [m.mask_group_id for m in applied_tlora_modules(toy)], toy._tlora_hooks_state)
-    assert toy._tlora_hooks_state.call_rank.schedule.alpha == 2.0, "the working hooks stay"
+    assert state == (
+        hook_counts(toy), [m.mask_group_id for m in applied_tlora_modules(toy)], getattr(toy, STATE_ATTRIBUTE)
+    )
+    assert getattr(toy, STATE_ATTRIBUTE).call_rank.schedule.alpha == 2.0, "the working hooks stay"

@@ -113,7 +113,11 @@ def test_pipe_to_device_after_enabling(rank_probe):
 
 @pytest.mark.parametrize(
     "build,how",
-    [(tiny.sdxl, "torch.compile(pipe.unet)"), (tiny.sd3, "pipe.transformer.compile()"), (tiny.sdxl, "compile_repeated_blocks")],
+    [
+        (tiny.sdxl, "torch.compile(pipe.unet)"),
+        (tiny.sd3, "pipe.transformer.compile()"),
+        (tiny.sdxl, "compile_repeated_blocks"),
+    ],
     ids=["torch.compile(pipe.unet)", "pipe.transformer.compile()", "unet.compile_repeated_blocks()"],
 )
 def test_inductor_compile_without_recompiles(build, how):

@@ -62,7 +62,10 @@ def test_handle_is_a_context_manager_and_restores_mask_groups():
 def test_two_pipelines_get_private_mask_groups(rank_probe):
     first, kw = tiny.sd3()
     second, _ = tiny.sd3()
-    groups = enable_tlora(first, max_rank=8).mask_groups["transformer"], enable_tlora(second, max_rank=8).mask_groups["transformer"]
+    groups = (
+        enable_tlora(first, max_rank=8).mask_groups["transformer"],
+        enable_tlora(second, max_rank=8).mask_groups["transformer"],
+    )
     assert groups[0] != groups[1]
     rank_probe.watch("first", first.transformer).watch("second", second.transformer)
     first(**kw)

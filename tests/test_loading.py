@@ -16,8 +16,7 @@ import tlora_files
 from compat_tools import hook_counts
 from conftest import lycoris_rank
 from devtools.lycoris_build import lycoris_without_gc
-from tlora_hooks import TLoRAError, enable_tlora, load_tlora, unload_tlora
-from tlora_hooks import loading
+from tlora_hooks import TLoRAError, enable_tlora, load_tlora, loading, unload_tlora
 from tlora_hooks.commands import main
 from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import installed_hook
@@ -134,7 +133,9 @@ def test_conv_modules_match_lycoris(tmp_path):
     generator = torch.Generator().manual_seed(0)
     sample, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 5, 16, generator=generator)
     for t in (999, 500, 0):
-        torch.testing.assert_close(mine(sample, t, context).sample, theirs(sample, t, context).sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            mine(sample, t, context).sample, theirs(sample, t, context).sample, atol=1e-5, rtol=1e-5
+        )
 
 
 def layer_state(denoiser):
@@ -260,7 +261,8 @@ def test_official_files_give_the_official_layer_output(tmp_path, case, caplog):
 
 def test_converted_official_file_loads_identically(tmp_path, sdxl):
     pipe, kw = sdxl
-    source = tlora_files.save_official_sdxl(tlora_files.official_state(pipe.unet, 4, "ortho"), tmp_path / "o.safetensors")
+    state = tlora_files.official_state(pipe.unet, 4, "ortho")
+    source = tlora_files.save_official_sdxl(state, tmp_path / "o.safetensors")
     converted = str(tmp_path / "c.safetensors")
     assert main(["convert", source, converted, "--min-rank", "2"]) == 0
     load_tlora(pipe, source, min_rank=2)
@@ -424,7 +426,7 @@ def test_an_unknown_denoiser_class_fails_before_the_rebuild(sdxl_trained, monkey
     from tlora_hooks import conventions, rebuild
 
     pipe, kw = tiny.sdxl(rank=None)
-    monkeypatch.setattr(conventions, "_CONVENTIONS", {})
+    monkeypatch.setattr(conventions, "CONVENTIONS", {})
     rebuilt = []
     monkeypatch.setattr(rebuild, "rebuild_base_terms", lambda modules, **options: rebuilt.append(modules))
     with pytest.raises(TLoRAError, match="No timestep convention"):

@@ -11,7 +11,6 @@ from compat_tools import expected_ranks, run
 from conftest import lycoris_rank
 from tlora_hooks import disable_tlora, enable_tlora
 
-
 CASES = {
     # name: (builder, reference loop, latents shape, dtype, schedule, calls per step, tolerance)
     "sdxl": (tiny.sdxl, reference_loops.sdxl, (1, 4, 4, 4), torch.float32, (8, 1, 1.0), 1, 1e-5),
@@ -84,7 +83,8 @@ def test_flux_bf16_timesteps_are_snapped_to_the_scheduler(rank_probe):
     enable_tlora(pipe, max_rank=512)
     run(pipe, kw, torch.randn(1, 4, 4).to(torch.bfloat16))
     expected = expected_ranks(pipe, (512, 1, 1.0), 2)
-    received = [(t.to(torch.bfloat16) / 1000).float() * 1000 for t in pipe.scheduler.timesteps]  # as FluxPipeline passes it
+    # the timesteps as FluxPipeline passes them
+    received = [(t.to(torch.bfloat16) / 1000).float() * 1000 for t in pipe.scheduler.timesteps]
     unsnapped = [lycoris_rank(t, 1000, 512) for t in received for _ in (0, 1)]
     assert unsnapped != expected, "the fixture should have timesteps that bf16 rounding moves"
     assert rank_probe.ranks() == expected

@@ -118,7 +118,7 @@ def test_concurrent_batches_give_the_same_bits_as_one_at_a_time(monkeypatch):
 
     torch.manual_seed(0)
     layers = [torch.nn.Linear(*shape) for shape in [(24, 16)] * 5 + [(16, 24)] * 4 + [(12, 12)] * 3]
-    monkeypatch.setattr(rebuild, "CHUNK_BYTES", 3 * rebuild._working_bytes((24, 24)))  # 1-3 matrices per batch
+    monkeypatch.setattr(rebuild, "CHUNK_BYTES", 3 * rebuild.working_bytes((24, 24)))  # 1-3 matrices per batch
     for one, other in zip(rebuilt_base_terms(layers, 8, 1), rebuilt_base_terms(layers, 8, 3)):
         assert torch.equal(one, other)
 

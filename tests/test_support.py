@@ -40,10 +40,10 @@ def test_every_family_case_is_in_the_matrix():
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.pipelines != ("-",)], ids=lambda f: f.name)
 def test_families_name_real_pipelines_holding_their_denoisers(family):
     held = {pipeline: str(inspect.signature(getattr(diffusers, pipeline).__init__)) for pipeline in family.pipelines}
-    for pipeline, annotations in held.items():
-        assert any(denoiser in annotations for denoiser in family.denoisers), f"{pipeline} holds none of them"
+    for pipeline, signature in held.items():
+        assert any(denoiser in signature for denoiser in family.denoisers), f"{pipeline} holds none of them"
     for denoiser in family.denoisers:
-        assert any(denoiser in annotations for annotations in held.values()), f"no pipeline holds {denoiser}"
+        assert any(denoiser in signature for signature in held.values()), f"no pipeline holds {denoiser}"
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)

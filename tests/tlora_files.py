@@ -57,7 +57,8 @@ def official_state(denoiser: nn.Module, rank: int, variant: str, seed: int = 0) 
             base_q, base_p = randn(rank, in_dim) / in_dim**0.5, randn(out_dim, rank) / rank**0.5
             base_lambda = randn(1, rank).abs()
             state.update({
-                f"{prefix}.base_q.weight": base_q, f"{prefix}.base_p.weight": base_p, f"{prefix}.base_lambda": base_lambda,
+                f"{prefix}.base_q.weight": base_q, f"{prefix}.base_p.weight": base_p,
+                f"{prefix}.base_lambda": base_lambda,
                 f"{prefix}.q_layer.weight": base_q + 0.3 * randn(rank, in_dim) / in_dim**0.5,
                 f"{prefix}.p_layer.weight": base_p + 0.3 * randn(out_dim, rank) / rank**0.5,
                 f"{prefix}.lambda_layer": base_lambda * (1 + 0.5 * randn(1, rank)),
@@ -75,7 +76,8 @@ def official_delta(state: dict[str, torch.Tensor], prefix: str, x: torch.Tensor,
     def term(q: str, lam: str, p: str) -> torch.Tensor:
         return (x @ state[f"{prefix}.{q}"].T * state[f"{prefix}.{lam}"] * mask) @ state[f"{prefix}.{p}"].T
 
-    return term("q_layer.weight", "lambda_layer", "p_layer.weight") - term("base_q.weight", "base_lambda", "base_p.weight")
+    tuned = term("q_layer.weight", "lambda_layer", "p_layer.weight")
+    return tuned - term("base_q.weight", "base_lambda", "base_p.weight")
 
 
 def save_official_sdxl(state: dict[str, torch.Tensor], path) -> str:

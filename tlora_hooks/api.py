@@ -92,7 +92,7 @@ def enable_tlora(
             mode=build_mode(mode, modules, next_mask_group(), denoiser=denoiser),
         )
         if convention.video:
-            _warn_video_once()
+            warn_video_once()
     logger.info(
         "T-LoRA enabled on %s: ranks %d..%d, alpha %s, mode %s",
         ", ".join(f"{name} ({len(found[name][1])} modules)" for name in hooks),
@@ -142,12 +142,14 @@ def _schedule_for(found: dict, max_rank: int | None, min_rank: int, alpha: float
             f"the adapter was trained with (max_rank={module_rank}), or max_rank=None to read it from the modules."
         )
     if len(ranks) > 1:
-        logger.info("T-LoRA modules have ranks %s; smaller ones use the first ranks of the mask, as in training", ranks)
+        logger.info(
+            "T-LoRA modules have ranks %s; smaller ones use the first ranks of the mask, as in training", ranks
+        )
     return schedule
 
 
 def _scheduler_source(pipeline: Any, component: str, scheduler: Any) -> Callable[[], Any]:
-    """Where the hook finds the scheduler at call time (users swap `pipe.scheduler`), without keeping the pipeline alive.
+    """Where the hook finds the scheduler per call (users swap `pipe.scheduler`), without keeping the pipeline alive.
 
     Once the pipeline is gone, the last scheduler it had, while something else (`pipe = X.from_pipe(pipe)`) keeps it.
     """
@@ -173,7 +175,7 @@ def _scheduler_source(pipeline: Any, component: str, scheduler: Any) -> Callable
 
 
 @functools.cache
-def _warn_video_once() -> None:
+def warn_video_once() -> None:
     logger.warning(
         "T-LoRA on video denoisers is experimental: temporal compression mixes frames across timestep boundaries. "
         "Per-frame or per-token timesteps are reduced to the noisiest one, so every token gets the same rank."

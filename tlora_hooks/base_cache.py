@@ -119,7 +119,7 @@ def weight_checksums(weights: Sequence[torch.Tensor]) -> list[int]:
         bits = weight.contiguous().view(INTEGER_VIEWS[weight.element_size()]).reshape(-1).to(torch.int64)
         slot = (bits.numel(), bits.device)
         if slot not in multipliers:
-            multipliers[slot] = _odd_multipliers(*slot)
+            multipliers[slot] = odd_multipliers(*slot)
         on_device = sums.setdefault(weight.device, [])
         places.append((weight.device, len(on_device)))
         on_device.append((bits * multipliers[slot]).sum())
@@ -127,7 +127,7 @@ def weight_checksums(weights: Sequence[torch.Tensor]) -> list[int]:
     return [on_host[device][index] for device, index in places]
 
 
-def _odd_multipliers(count: int, device: torch.device) -> torch.Tensor:
+def odd_multipliers(count: int, device: torch.device) -> torch.Tensor:
     """A position-dependent odd int64 per element (a mixed counter), so moved or swapped values change the sum."""
     mixed = torch.arange(count, dtype=torch.int64, device=device) * MIX_1
     mixed = (mixed ^ (mixed >> 29)) * MIX_2

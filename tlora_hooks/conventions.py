@@ -77,7 +77,7 @@ def edm_sigma_x1000_to_timestep(value: torch.Tensor) -> torch.Tensor:
 
 
 def trigflow_to_timestep(value: torch.Tensor) -> torch.Tensor:
-    """A TrigFlow angle in [0, pi/2] (Sana-Sprint's SCM scheduler) -> sin / (sin + cos), x 1000, as Sprint passes it."""
+    """A TrigFlow angle in [0, pi/2] (Sana-Sprint's SCM scheduler) -> 1000 sin / (sin + cos), as Sprint passes it."""
     return torch.sin(value) / (torch.sin(value) + torch.cos(value)) * 1000.0
 
 
@@ -197,7 +197,7 @@ def _video(note: str, **fields: Any) -> TimestepConvention:
     return TimestepConvention(video=True, note=note, **fields)
 
 
-_CONVENTIONS: dict[str, TimestepConvention] = {
+CONVENTIONS: dict[str, TimestepConvention] = {
     # images
     "UNet2DConditionModel": TimestepConvention(note="raw scheduler t, passed positionally (SD/SDXL/Kandinsky 2.2)"),
     "SD3Transformer2DModel": TimestepConvention(note="raw t = sigma x 1000; the skip-layer-guidance call too"),
@@ -257,7 +257,7 @@ _SANA_SPRINT = TimestepConvention(
     to_timestep=times_1000, schedule_to_timestep=trigflow_to_timestep,
     note="SCM: sin(t)/(sin(t)+cos(t)) of the TrigFlow angle t, x 1000 (timestep_scale unused)",
 )
-_PIPELINE_CONVENTIONS: dict[tuple[str, str], TimestepConvention] = {
+PIPELINE_CONVENTIONS: dict[tuple[str, str], TimestepConvention] = {
     ("CosmosTextToWorldPipeline", "CosmosTransformer3DModel"): _COSMOS_1,
     ("CosmosVideoToWorldPipeline", "CosmosTransformer3DModel"): _COSMOS_1,
     ("Cosmos2TextToImagePipeline", "CosmosTransformer3DModel"): _COSMOS_2,
@@ -269,7 +269,7 @@ _PIPELINE_CONVENTIONS: dict[tuple[str, str], TimestepConvention] = {
 }
 
 # (scheduler, denoiser class): schedulers whose timesteps are not DDPM/flow t in [0, 1000].
-_SCHEDULER_CONVENTIONS: dict[tuple[SchedulerMatch, str], TimestepConvention] = {
+SCHEDULER_CONVENTIONS: dict[tuple[SchedulerMatch, str], TimestepConvention] = {
     (SchedulerMatch("EDMDPMSolverMultistepScheduler"), "UNet2DConditionModel"): _EDM,  # Playground v2.5
     (SchedulerMatch("EDMEulerScheduler"), "UNet2DConditionModel"): _EDM,
     # CosXL: EulerDiscreteScheduler(timestep_type="continuous")
@@ -322,11 +322,11 @@ def register_convention(
     )
     name = _name(cls_or_name)
     if pipeline is not None:
-        _PIPELINE_CONVENTIONS[(_name(pipeline), name)] = convention
+        PIPELINE_CONVENTIONS[(_name(pipeline), name)] = convention
     elif scheduler is not None:
-        _SCHEDULER_CONVENTIONS[(SchedulerMatch(_name(scheduler)), name)] = convention
+        SCHEDULER_CONVENTIONS[(SchedulerMatch(_name(scheduler)), name)] = convention
     else:
-        _CONVENTIONS[name] = convention
+        CONVENTIONS[name] = convention
     return convention
 
 
@@ -336,13 +336,13 @@ def convention_for(denoiser: nn.Module, pipeline: Any = None) -> ConventionChoic
     if pipeline is not None:
         for pipeline_name in _mro_names(type(pipeline)):
             for denoiser_name in denoiser_names:
-                if (pipeline_name, denoiser_name) in _PIPELINE_CONVENTIONS:
-                    return ConventionChoice(_PIPELINE_CONVENTIONS[(pipeline_name, denoiser_name)].bound_to(denoiser))
-    default = next((_CONVENTIONS[name] for name in denoiser_names if name in _CONVENTIONS), None)
+                if (pipeline_name, denoiser_name) in PIPELINE_CONVENTIONS:
+                    return ConventionChoice(PIPELINE_CONVENTIONS[(pipeline_name, denoiser_name)].bound_to(denoiser))
+    default = next((CONVENTIONS[name] for name in denoiser_names if name in CONVENTIONS), None)
     by_scheduler = tuple(
         (match, convention.bound_to(denoiser))
         for denoiser_name in denoiser_names
-        for (match, row_denoiser), convention in _SCHEDULER_CONVENTIONS.items()
+        for (match, row_denoiser), convention in SCHEDULER_CONVENTIONS.items()
         if row_denoiser == denoiser_name
     )
     if default is None:
@@ -434,14 +434,14 @@ class TimestepReader:
 
 def row_for(denoiser: str, pipeline: str | None = None, scheduler: str | None = None) -> TimestepConvention | None:
     """The row a (pipeline, scheduler, denoiser) combination uses, by exact class names (for the support matrix)."""
-    if (pipeline, denoiser) in _PIPELINE_CONVENTIONS:
-        return _PIPELINE_CONVENTIONS[(pipeline, denoiser)]
-    for (match, row_denoiser), convention in _SCHEDULER_CONVENTIONS.items():
+    if (pipeline, denoiser) in PIPELINE_CONVENTIONS:
+        return PIPELINE_CONVENTIONS[(pipeline, denoiser)]
+    for (match, row_denoiser), convention in SCHEDULER_CONVENTIONS.items():
         if row_denoiser == denoiser and str(match) == scheduler:
             return convention
-    return _CONVENTIONS.get(denoiser)
+    return CONVENTIONS.get(denoiser)
 
 
 def known_denoiser_classes() -> list[str]:
     """Class names with a convention row."""
-    return sorted(_CONVENTIONS)
+    return sorted(CONVENTIONS)

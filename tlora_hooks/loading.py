@@ -114,7 +114,9 @@ def load_tlora(
     check_mode(mode)
     check_cache_argument(cache_base)
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
-        raise TLoRAError(f"multiplier must be a finite number (the adapter strength, default 1.0), got {multiplier!r}.")
+        raise TLoRAError(
+            f"multiplier must be a finite number (the adapter strength, default 1.0), got {multiplier!r}."
+        )
     tlora_file = read_tlora_file(path)
     schedule = _schedule(tlora_file, check_one_rank(tlora_file), min_rank, alpha)
     match = match_file(target, tlora_file, component, strict)
@@ -162,7 +164,7 @@ def unload_tlora(target: Any) -> None:
 
 
 def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: float | None) -> RankSchedule:
-    """Explicit arguments, else the file's metadata, else the defaults (1, 1.0) with a warning that the file was silent."""
+    """Explicit arguments, else the file's metadata, else the defaults (1, 1.0), warning that the file was silent."""
     settings = tlora_file.settings
     chosen = {}
     silent = []

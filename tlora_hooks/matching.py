@@ -57,7 +57,7 @@ def candidate_denoisers(target: Any, component: str | None) -> dict[str, nn.Modu
 
 
 def match_file(target: Any, tlora_file: TLoraFile, component: str | None, strict: bool) -> Match:
-    """The denoiser whose layers the file's modules name; raises when none or several fit, or (strict) any key is left."""
+    """The denoiser whose layers the file's modules name; raises if none or several fit, or (strict) a key is left."""
     names = list(tlora_file.modules)
     scored = []
     for name, denoiser in candidate_denoisers(target, component).items():

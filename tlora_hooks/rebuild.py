@@ -101,7 +101,7 @@ def rebuild_base_terms(
     workers = workers or (CUDA_WORKERS if on_cuda else 1)
     batches = []
     for (shape, _, _, rank), same_shape in by_shape.items():
-        chunk = max(1, CHUNK_BYTES // workers // _working_bytes(shape))
+        chunk = max(1, CHUNK_BYTES // workers // working_bytes(shape))
         batches += [(same_shape[start : start + chunk], rank) for start in range(0, len(same_shape), chunk)]
     total = sum(len(same_shape) for same_shape in by_shape.values())
     disable = None if progress is None else not progress
@@ -120,7 +120,7 @@ def rebuild_base_terms(
     logger.info("Rebuilt the T-LoRA base terms of %d modules of %d shapes (%s)", total, len(by_shape), method)
 
 
-def _working_bytes(shape: tuple[int, ...]) -> int:
+def working_bytes(shape: tuple[int, ...]) -> int:
     """fp64 working memory of one matrix: the weight, its vectors and the Gram matrix."""
     out_dim, flat_in = shape[0], math.prod(shape[1:])
     return 8 * (3 * out_dim * flat_in + 2 * min(out_dim, flat_in) ** 2)

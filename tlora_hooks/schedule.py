@@ -84,7 +84,9 @@ def rank_for_timestep(
     return min(max(rank, min_rank), max_rank)
 
 
-def masks_by_rank(max_rank: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def masks_by_rank(
+    max_rank: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(max_rank + 1, max_rank) table whose row r keeps the first r ranks."""
     ranks = torch.arange(max_rank + 1, device=device).unsqueeze(1)
     return (torch.arange(max_rank, device=device).unsqueeze(0) < ranks).to(dtype)

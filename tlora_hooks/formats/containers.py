@@ -19,7 +19,9 @@ from ..errors import TLoRAError
 
 # What the trainers write inside a checkpoint folder, in the order a folder is searched.
 KNOWN_FILE_NAMES = ("pytorch_lora_weights.safetensors", "lora.safetensors", "lora.pt")
-READS = "load_tlora reads LyCORIS/SimpleTuner and official ControlGenAI .safetensors files and the official FLUX lora.pt"
+READS = (
+    "load_tlora reads LyCORIS/SimpleTuner and official ControlGenAI .safetensors files and the official FLUX lora.pt"
+)
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -72,7 +74,9 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
     """A torch checkpoint, unpickled with `weights_only=True`: nothing but tensors and plain containers can load."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, AttributeError, SafetensorError) as error:
+    except (
+        pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, AttributeError, SafetensorError
+    ) as error:
         raise TLoRAError(
             f"{path} is a pickle that does not hold plain tensors, or is corrupt ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Only a flat dict of tensors is loaded, never "

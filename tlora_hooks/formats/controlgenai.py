@@ -1,4 +1,4 @@
-"""The official ControlGenAI/T-LoRA files: SD-XL `pytorch_lora_weights.safetensors` (Ortho or Vanilla) and FLUX `lora.pt`.
+"""Official ControlGenAI/T-LoRA files: SD-XL `pytorch_lora_weights.safetensors` (Ortho or Vanilla) and FLUX `lora.pt`.
 
 Both save the custom attention processors' layers: `<attention path>.processor.<projection>_lora.<param>`.
 Ortho layers save their frozen base (`base_q`, `base_p`, `base_lambda`), so no rebuild is needed; Vanilla layers

@@ -1,4 +1,4 @@
-"""The one in-memory form every file format is read into: T-LoRA modules by LyCORIS name, plus the training settings."""
+"""The one in-memory form every file format is read into: T-LoRA modules by LyCORIS name and the training settings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 @dataclass
 class BaseTerms:
-    """The frozen base of a T-LoRA module (LyCORIS `base_q`, `base_p`, `base_lambda`), subtracted under the same mask."""
+    """A T-LoRA module's frozen base (LyCORIS `base_q`, `base_p`, `base_lambda`), subtracted under the same mask."""
 
     q: torch.Tensor
     p: torch.Tensor

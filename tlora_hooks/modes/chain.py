@@ -34,9 +34,8 @@ class ChainLink:
     def slot(module: TLoraModule) -> tuple[Any, str] | None:
         """Where `module.forward` is called from, if LyCORIS put it there (not behind an offloading hook)."""
         layer = base_layer(module)
-        slots = [(layer, "forward")] + [
-            (wrapper, "org_forward") for wrapper in layer.__dict__.get("_lycoris_wrappers", ()) if wrapper is not module
-        ]
+        wrappers = layer.__dict__.get("_lycoris_wrappers", ())
+        slots = [(layer, "forward")] + [(wrapper, "org_forward") for wrapper in wrappers if wrapper is not module]
         for holder, attribute in slots:
             if holder.__dict__.get(attribute) == module.forward:
                 return holder, attribute

@@ -80,7 +80,7 @@ WEIGHT_MOVING_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "la
 
 
 def has_offload_hook(module: nn.Module) -> bool:
-    """Whether accelerate (`_hf_hook`: cpu offload) or a diffusers hook moves or recasts this module's weights per call."""
+    """Whether accelerate (`_hf_hook`: cpu offload) or a diffusers hook moves or recasts its weights per call."""
     if hasattr(module, "_hf_hook"):
         return True
     registry = getattr(module, "_diffusers_hook", None)

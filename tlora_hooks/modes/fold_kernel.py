@@ -41,11 +41,11 @@ def interpreted() -> bool:
 def supports(weights: torch.Tensor) -> bool:
     if not wanted() or weights.dtype not in HALF_DTYPES or (weights.device.type != "cuda" and not interpreted()):
         return False
-    return _kernel() is not None
+    return triton_kernel() is not None
 
 
 @functools.cache
-def _kernel():
+def triton_kernel():
     """(triton, the jitted kernel), or None without Triton; imported on first use, so TRITON_INTERPRET is read then."""
     try:
         import triton
@@ -65,7 +65,7 @@ def fused_fold(
     base, weights: (G, out, in); b: (G, out, K); a: (G, K, in); mask, previous: (K,); all contiguous.
     `config` is a `TILE_CONFIGS` entry (default: the first, or the interpreter's).
     """
-    triton, kernel = _kernel()
+    triton, kernel = triton_kernel()
     layers, out_features, in_features = weights.shape
     k = b.shape[-1]
     block_k = max(16, min(64, triton.next_power_of_2(k)))

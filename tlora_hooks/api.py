@@ -11,7 +11,7 @@ from .conventions import TimestepFn, plan_timestep_reading
 from .discovery import components_of, find_denoisers, is_pipeline, scheduler_attribute
 from .errors import TLoRAError
 from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group
-from .logging_utils import get_logger
+from .logging import get_logger
 from .modes import build_mode, check_mode
 from .schedule import RankSchedule
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
 from .errors import TLoRAError
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 # Pipeline attributes that hold a denoiser, and the scheduler attribute that steps it. Combined Kandinsky and
 # Stable Cascade pipes hold the prior as `prior_prior`, stepped by `prior_scheduler` (tested: snapping to the
@@ -59,6 +61,8 @@ def components_of(target: Any) -> dict[str, nn.Module]:
 
 def applied_tlora_modules(denoiser: nn.Module) -> list[TLoraModule]:
     """T-LoRA modules that LyCORIS `apply_to()` put in this module's forward path."""
+    from lycoris.modules.tlora import TLoraModule
+
     found = []
     for layer in unwrap(denoiser).modules():
         for wrapper in layer.__dict__.get("_lycoris_wrappers", ()):
@@ -72,6 +76,8 @@ def detached_tlora_modules(denoiser: nn.Module) -> list[TLoraModule]:
 
     Only called to explain an error, so a scan of live objects is affordable.
     """
+    from lycoris.modules.tlora import TLoraModule
+
     layers = {id(layer) for layer in unwrap(denoiser).modules()}
     return [
         obj

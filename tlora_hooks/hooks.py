@@ -11,7 +11,6 @@ import weakref
 from typing import Any, Callable
 
 import torch
-from lycoris.modules.tlora import clear_timestep_mask
 from torch import nn
 
 from .call_rank import CallRank
@@ -61,6 +60,8 @@ class DenoiserHook:
         ]
         # A mask left set by an interrupted call must not outlive the denoiser in LyCORIS's global storage
         # (the finalizer holds the group number only, so the modules are freed with the denoiser).
+        from lycoris.modules.tlora import clear_timestep_mask
+
         self._finalizer = weakref.finalize(denoiser, clear_timestep_mask, mode.group_id)
         setattr(denoiser, STATE_ATTRIBUTE, self)
 

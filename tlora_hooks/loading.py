@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lycoris import LycorisNetwork
-from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
 from .api import enable_tlora
@@ -23,22 +21,19 @@ from .discovery import applied_tlora_modules, components_of, is_pipeline
 from .errors import TLoRAError
 from .formats import ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
 from .hooks import TLoRAHandle, installed_hook
-from .logging_utils import get_logger
+from .logging import get_logger
 from .matching import Match, match_file
 from .modes import check_mode
 from .schedule import RankSchedule
 
+if TYPE_CHECKING:
+    from lycoris import LycorisNetwork
+
+    from .tlora_module import TLoraModuleWithoutSvd
+
 logger = get_logger(__name__)
 
 LOAD_RECORD_ATTRIBUTE = "_tlora_hooks_loaded"
-
-
-class TLoraModuleWithoutSvd(TLoraModule):
-    """LyCORIS's TLoraModule, with its forward and mask API, built without its per-module SVD (and `gc.collect()`):
-    `load_tlora` fills it from the file or the batched rebuild."""
-
-    def _initialize_from_svd(self, org_module: nn.Module, in_dim: int, out_dim: int, flat_in_dim: int) -> None:
-        """Keep the freshly allocated tensors; the file (or the batched rebuild) provides every value."""
 
 
 @dataclass
@@ -224,6 +219,8 @@ def _build_on_pristine_weights(
 def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float, cache: str | None) -> LycorisNetwork:
     """LyCORIS modules for the matched layers, filled from the file, on each layer's device, in fp32 like LyCORIS's.
     Base terms the file lacks are rebuilt, or read from the cache folder `cache`."""
+    from lycoris import LycorisNetwork
+
     network = LycorisNetwork(match.denoiser, init_only=True)
     network.multiplier = multiplier
     to_rebuild = []
@@ -241,6 +238,8 @@ def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float, cache
 
 def _allocate(key: str, layer: nn.Module, weights: ModuleWeights, multiplier: float) -> TLoraModuleWithoutSvd:
     """Built on the meta device, then given uninitialised memory: nothing is computed that the file overwrites."""
+    from .tlora_module import TLoraModuleWithoutSvd
+
     with torch.device("meta"):
         module = TLoraModuleWithoutSvd(key, layer, multiplier=multiplier, lora_dim=weights.rank, alpha=weights.alpha)
     return module.to_empty(device=layer.weight.device)

@@ -11,7 +11,7 @@ from .discovery import DENOISER_SCHEDULERS, components_of, is_pipeline, unwrap
 from .errors import TLoRAError
 from .formats import TLoraFile
 from .formats.lycoris import lycoris_name
-from .logging_utils import get_logger
+from .logging import get_logger
 
 logger = get_logger(__name__)
 

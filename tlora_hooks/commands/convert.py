@@ -6,11 +6,12 @@ import argparse
 import os
 
 from ..errors import TLoRAError
-from ..formats import check_one_rank, lycoris, read_tlora_file
 from ..schedule import RankSchedule
 
 
 def _run(args: argparse.Namespace) -> None:
+    from ..formats import check_one_rank, lycoris, read_tlora_file
+
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise TLoRAError("convert writes a new file; give an output path other than the input.")
     tlora_file = read_tlora_file(args.input)

@@ -7,9 +7,10 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..formats import TLoraFile, read_tlora_file
+if TYPE_CHECKING:
+    from ..formats import TLoraFile
 
 DIGITS = re.compile(r"\d+")
 
@@ -106,6 +107,8 @@ def summarise(tlora_file: TLoraFile) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from ..formats import read_tlora_file
+
     summary = summarise(read_tlora_file(args.file))
     if args.json:
         print(json.dumps(summary))

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import TLoRAError
-from ..logging_utils import get_logger
+from ..logging import get_logger
 from .state import BaseTerms, ModuleWeights, TLoraFile, TrainingSettings
 
 logger = get_logger(__name__)

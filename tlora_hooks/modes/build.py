@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lycoris.modules.tlora import TLoraModule
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from ..errors import TLoRAError
@@ -14,6 +15,9 @@ from .fold import FoldMode
 from .low_memory import LowMemoryMode
 from .lycoris import LycorisMode
 from .protocol import MaskMode, ModeFactory
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 
 def split(modules: list[TLoraModule], denoiser: nn.Module | None) -> tuple[list, list, list]:

@@ -11,17 +11,20 @@ weights a fused Triton kernel (`fold_kernel`) reads W0 and writes W once, where 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
-from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
 from ..errors import TLoRAError
-from ..logging_utils import get_logger
+from ..logging import get_logger
 from . import fold_kernel
 from .chain import ChainLink
 from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
 from .stacked import StackedMode
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 logger = get_logger(__name__)
 

@@ -12,15 +12,18 @@ Extra memory: the factors (2r·(in + out) values per module) plus the masked cop
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from lycoris.modules.tlora import TLoraModule
 
-from ..logging_utils import get_logger
+from ..logging import get_logger
 from .chain import BypassOverride
 from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
 from .stacked import StackedMode
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 logger = get_logger(__name__)
 

@@ -43,7 +43,8 @@ def _library_root_logger() -> logging.Logger:
 
 
 def _configure_library_root_logger() -> None:
-    """Once per process: the stderr handler, the level, no propagation."""
+    """Once per process: the stderr handler, the level, no propagation. A NullHandler stays beside it, so removing
+    the stderr handler silences the library instead of handing its warnings to Python's last-resort handler."""
     global _default_handler
     with _lock:
         if _default_handler is not None:
@@ -52,6 +53,7 @@ def _configure_library_root_logger() -> None:
         if sys.stderr:
             _default_handler.flush = sys.stderr.flush
         root = _library_root_logger()
+        root.addHandler(logging.NullHandler())
         root.addHandler(_default_handler)
         root.setLevel(_default_level())
         root.propagate = False

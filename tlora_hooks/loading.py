@@ -159,17 +159,27 @@ def unload_tlora(target: Any) -> None:
 
 
 def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: float | None) -> RankSchedule:
-    """Explicit arguments, else the file's metadata, else the defaults (1, 1.0), warning that the file was silent."""
+    """Explicit arguments, else the file's metadata, else the defaults (1, 1.0), warning that the file was silent.
+
+    A value the metadata records but in an unusable form is an error unless an argument overrides it: falling back
+    to a default would run another schedule than the one trained.
+    """
     settings = tlora_file.settings
     chosen = {}
     silent = []
     for label, passed, recorded, default in (
         ("min_rank", min_rank, settings.min_rank, 1), ("alpha", alpha, settings.alpha, 1.0),
     ):
+        problem = settings.invalid.get(label)
         if passed is not None:
-            if recorded is not None and recorded != passed:
-                logger.info("%s=%s overrides the file's %s", label, passed, recorded)
+            if problem is not None or (recorded is not None and recorded != passed):
+                logger.info("%s=%s overrides the file's %s", label, passed, problem or recorded)
             chosen[label] = passed
+        elif problem is not None:
+            raise TLoRAError(
+                f"{tlora_file.path}: {problem}. Pass {label}= with the value it was trained with "
+                f"(tlora_{label}), which overrides the metadata."
+            )
         elif recorded is not None:
             chosen[label] = recorded
         else:
@@ -180,7 +190,9 @@ def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: flo
             "%s does not record %s; pass min_rank= and alpha= with the values it was trained with "
             "(`tlora-hooks convert` can store them in the file).", tlora_file.path, " or ".join(silent),
         )
-    if settings.linear_dim is not None and settings.linear_dim != rank:
+    if "linear_dim" in settings.invalid:
+        logger.warning("%s: %s; the tensors' rank %d is used.", tlora_file.path, settings.invalid["linear_dim"], rank)
+    elif settings.linear_dim is not None and settings.linear_dim != rank:
         logger.warning("%s: metadata says linear_dim=%s but the tensors have rank %d; using %d.",
                        tlora_file.path, settings.linear_dim, rank, rank)
     return RankSchedule(max_rank=rank, min_rank=chosen["min_rank"], alpha=chosen["alpha"])

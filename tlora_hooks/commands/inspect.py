@@ -99,6 +99,7 @@ def summarise(tlora_file: TLoraFile) -> dict[str, Any]:
         "alpha": settings.alpha,
         "linear_dim": settings.linear_dim,
         "preset": settings.preset,
+        "invalid_metadata": settings.invalid,
         "name_patterns": name_patterns(list(tlora_file.modules)),
         "family": likely_family(tlora_file),
         "unused_keys": len(tlora_file.unused_keys),
@@ -113,7 +114,6 @@ def _run(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(summary))
         return
-    recorded = lambda value: "not recorded" if value is None else value  # noqa: E731
     print(f"file:          {summary['file']}")
     print(f"format:        {summary['format']}")
     print(f"modules:       {summary['modules']}" + _skipped(summary))
@@ -121,12 +121,18 @@ def _run(args: argparse.Namespace) -> None:
     alphas = ", ".join(map(str, summary["lora_alphas"]))
     print(f"scale:         {', '.join(map(str, summary['scales']))} (LoRA alpha {alphas} / rank)")
     print(f"base terms:    {summary['base_terms']}")
-    print(f"min_rank:      {recorded(summary['min_rank'])} (tlora_min_rank)")
-    print(f"alpha:         {recorded(summary['alpha'])} (tlora_alpha, the schedule exponent)")
+    print(f"min_rank:      {_setting(summary, 'min_rank')} (tlora_min_rank)")
+    print(f"alpha:         {_setting(summary, 'alpha')} (tlora_alpha, the schedule exponent)")
     print(f"model family:  {summary['family']}")
     print("module names:")
     for pattern, count in summary["name_patterns"]:
         print(f"  {count:5d}  {pattern}")
+
+
+def _setting(summary: dict, name: str) -> Any:
+    if name in summary["invalid_metadata"]:
+        return f"invalid: {summary['invalid_metadata'][name]}"
+    return "not recorded" if summary[name] is None else summary[name]
 
 
 def _skipped(summary: dict) -> str:

@@ -47,13 +47,15 @@ class ModuleWeights:
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """What the file says about how it was trained; None where it is silent."""
+    """What the file says about how it was trained; None where it is silent or its value cannot be used."""
 
     linear_dim: int | None = None
     linear_alpha: float | None = None
     min_rank: int | None = None
     alpha: float | None = None
     preset: Any = None
+    # Settings the metadata records but in a form that cannot be used: field name -> what is wrong, naming the key.
+    invalid: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any, Callable, Collection
 
 from .call_rank import CallRank
 from .conventions import TimestepFn, plan_timestep_reading
-from .discovery import components_of, find_denoisers, is_pipeline, scheduler_attribute
+from .discovery import components_of, find_denoisers, is_pipeline, scheduler_attribute, unrunnable_conv
 from .errors import TLoRAError
 from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group
 from .logging import get_logger
@@ -67,6 +67,7 @@ def enable_tlora(
     found = find_denoisers(target)
     if components is not None:
         found = _only_components(found, components)
+    _check_runnable(found)
     schedule = _schedule_for(found, max_rank, min_rank, alpha)
     pipeline = target if is_pipeline(target) else None
     plans = {
@@ -127,6 +128,18 @@ def _only_components(found: dict, components: Collection[str]) -> dict:
             f"(components with modules: {', '.join(found) or 'none'})."
         )
     return {name: value for name, value in found.items() if name in components}
+
+
+def _check_runnable(found: dict) -> None:
+    """Refuse modules whose LyCORIS forward would fail at the first call, before anything changes."""
+    for _, modules in found.values():
+        for module in modules:
+            problem = unrunnable_conv(module.lora_name, module.org_module[0])
+            if problem is not None:
+                raise TLoRAError(
+                    f"{problem}. Build the LyCORIS network without these modules (a preset that leaves out "
+                    "ResnetBlock2D and other k x k convs), then enable T-LoRA."
+                )
 
 
 def _schedule_for(found: dict, max_rank: int | None, min_rank: int, alpha: float) -> RankSchedule:

@@ -86,6 +86,21 @@ def detached_tlora_modules(denoiser: nn.Module) -> list[TLoraModule]:
     ]
 
 
+def unrunnable_conv(name: str, layer: nn.Module) -> str | None:
+    """Why LyCORIS's T-LoRA forward cannot run on `layer` (a conv larger than 1x1, or grouped), or None.
+
+    Its masked delta is built with a 1x1 kernel, so any other conv fails inside LyCORIS at the first call.
+    """
+    if not isinstance(layer, nn.modules.conv._ConvNd):
+        return None
+    if all(size == 1 for size in layer.kernel_size) and layer.groups == 1:
+        return None
+    return (
+        f"{name} wraps a {layer.kernel_size} conv (groups={layer.groups}); LyCORIS's T-LoRA forward only runs on "
+        "1x1 convs without groups (its masked delta has a 1x1 kernel)"
+    )
+
+
 def no_modules_error(where: str, seen: list[str], detached: int) -> TLoRAError:
     """The error for a target whose forward path holds no T-LoRA module."""
     if detached:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .discovery import DENOISER_SCHEDULERS, components_of, is_pipeline, unwrap
+from .discovery import DENOISER_SCHEDULERS, components_of, is_pipeline, unrunnable_conv, unwrap
 from .errors import TLoRAError
 from .formats import TLoraFile
 from .formats.lycoris import lycoris_name
@@ -103,12 +103,10 @@ def _check_layer(tlora_file: TLoraFile, key: str, layer: nn.Module) -> None:
             f"The weights of {key} are not loaded (meta device: sequential offload?). "
             "Load the T-LoRA before enabling offloading."
         )
+    problem = unrunnable_conv(key, layer)
+    if problem is not None:
+        raise TLoRAError(f"{problem}, so this file cannot be used as is.")
     is_conv = isinstance(layer, nn.modules.conv._ConvNd)
-    if is_conv and (any(size != 1 for size in layer.kernel_size) or layer.groups != 1):
-        raise TLoRAError(
-            f"{key} wraps a {layer.kernel_size} conv (groups={layer.groups}); LyCORIS's T-LoRA forward only runs on "
-            "1x1 convs without groups (its masked delta has a 1x1 kernel), so this file cannot be used as is."
-        )
     expected = (layer.out_channels, layer.in_channels) if is_conv else (layer.out_features, layer.in_features)
     found = (module.out_features, module.in_features)
     if expected != found or (module.q.ndim > 2) != is_conv:

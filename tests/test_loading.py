@@ -542,3 +542,20 @@ def test_inspect_and_convert_name_unusable_metadata(bad_files, tmp_path, capsys)
     assert main(["convert", bad_files["alpha_abc"], str(tmp_path / "out.safetensors")]) == 2
     assert "`tlora_alpha` = 'abc'" in capsys.readouterr().err and not (tmp_path / "out.safetensors").exists()
     assert main(["convert", bad_files["alpha_abc"], str(tmp_path / "out.safetensors"), "--alpha", "0.5"]) == 0
+
+
+def test_with_load_tlora_unloads_at_the_end_and_cannot_be_nested(bad_files, sdxl_trained, sdxl):
+    """Left applied without its hooks, the file's modules would run every rank at every step after the block."""
+    pipe, kw = sdxl
+    before_state, before = layer_state(pipe.unet), run(pipe, kw)
+    with load_tlora(pipe, bad_files["good"], min_rank=1):
+        loaded = run(pipe, kw)
+        with pytest.raises(TLoRAError, match="open `with enable_tlora"):
+            with load_tlora(pipe, sdxl_trained[0]):
+                pass
+        with pytest.raises(TLoRAError, match="open `with enable_tlora"):
+            enable_tlora(pipe, max_rank=4, alpha=2.0)
+        assert torch.equal(run(pipe, kw), loaded), "the open block keeps its file, hooks and schedule"
+    assert not torch.equal(loaded, before)
+    assert torch.equal(run(pipe, kw), before) and layer_state(pipe.unet) == before_state
+    assert not applied_tlora_modules(pipe.unet) and installed_hook(pipe.unet) is None

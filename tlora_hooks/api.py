@@ -10,7 +10,7 @@ from .call_rank import CallRank
 from .conventions import TimestepFn, plan_timestep_reading
 from .discovery import components_of, find_denoisers, is_pipeline, scheduler_attribute, unrunnable_conv
 from .errors import TLoRAError
-from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group
+from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group, refuse_inside_open_block
 from .logging import get_logger
 from .modes import build_mode, check_mode
 from .schedule import RankSchedule
@@ -74,6 +74,8 @@ def enable_tlora(
         name: plan_timestep_reading(name, denoiser, pipeline, timestep_fn)
         for name, (denoiser, _) in found.items()
     }
+    replaced = components_of(target).values() if components is None else [d for d, _ in found.values()]
+    refuse_inside_open_block(replaced, "enable_tlora")
     # Everything is validated: from here on the pipeline changes.
     if components is None:
         disable_tlora(target)

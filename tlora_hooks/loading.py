@@ -8,8 +8,9 @@ forward is LyCORIS's and `enable_tlora` finds them. The modules are built withou
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from .conventions import plan_timestep_reading
 from .discovery import applied_tlora_modules, components_of, is_pipeline
 from .errors import TLoRAError
 from .formats import ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
-from .hooks import TLoRAHandle, installed_hook
+from .hooks import TLoRAHandle, installed_hook, refuse_inside_open_block
 from .logging import get_logger
 from .matching import Match, match_file
 from .modes import check_mode
@@ -121,6 +122,7 @@ def load_tlora(
             tlora_file.path, len(tlora_file.unused_keys), tlora_file.unused_keys[0],
         )
     _refuse_foreign_modules(match)
+    refuse_inside_open_block([match.denoiser], "load_tlora")
     pipeline = target if is_pipeline(target) else None
     if timestep_fn is None:
         plan_timestep_reading(match.component, match.denoiser, pipeline)  # an unknown class fails before the work
@@ -286,7 +288,21 @@ def _swap_in(target: Any, match: Match, record: LoadRecord) -> TLoRAHandle:
             denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = previous
         raise
     denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = record
+    handle.add_exit_action(_unloader(denoiser, record))
     return handle
+
+
+def _unloader(denoiser: nn.Module, record: LoadRecord) -> Callable[[], None]:
+    """What ends `with load_tlora(...)`: unload the file, unless something replaced or unloaded it since. Left
+    applied without its hooks, the modules would run every rank at every step."""
+    denoiser_ref = weakref.ref(denoiser)
+
+    def unload() -> None:
+        denoiser = denoiser_ref()
+        if denoiser is not None and denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE) is record:
+            _remove(denoiser, record)
+
+    return unload
 
 
 def _enable(target: Any, component: str, record: LoadRecord) -> TLoRAHandle:

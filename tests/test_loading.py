@@ -11,10 +11,11 @@ import torch
 from lycoris import create_lycoris_from_weights
 from lycoris.modules.tlora import set_timestep_mask
 from safetensors.torch import load_file, save_file
+from test_compat import tiny_peft_lora
 
 import tiny
 import tlora_files
-from compat_tools import hook_counts
+from compat_tools import hook_counts, scheduler_state_masks
 from conftest import lycoris_rank
 from devtools.lycoris_build import lycoris_without_gc
 from tlora_hooks import TLoRAError, enable_tlora, load_tlora, loading, unload_tlora
@@ -26,8 +27,8 @@ from tlora_hooks.schedule import masks_by_rank
 SCHEDULE = dict(linear_dim=8, linear_alpha=4, tlora_min_rank=2, tlora_alpha=0.5)
 
 
-def run(pipe, kw, seed=1):
-    shape = (1, 4, 4, 4) if hasattr(pipe, "unet") else (1, 4, 4)
+def run(pipe, kw, seed=1, shape=None):
+    shape = shape or ((1, 4, 4, 4) if hasattr(pipe, "unet") else (1, 4, 4))
     dtype = next(pipe.components[n] for n in ("unet", "transformer") if n in pipe.components).dtype
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     return pipe(**kw, latents=latents, return_dict=False)[0]
@@ -559,3 +560,46 @@ def test_with_load_tlora_unloads_at_the_end_and_cannot_be_nested(bad_files, sdxl
     assert not torch.equal(loaded, before)
     assert torch.equal(run(pipe, kw), before) and layer_state(pipe.unet) == before_state
     assert not applied_tlora_modules(pipe.unet) and installed_hook(pipe.unet) is None
+
+
+# -- a PEFT LoRA already on the layers --------------------------------------------------------------------------------
+SD3_LATENTS = (1, 4, 4, 4)
+
+
+@pytest.mark.parametrize("mode", ["lycoris", "low_memory", "fold", "auto"])
+def test_load_tlora_onto_layers_a_peft_lora_wraps(tmp_path, mode, request):
+    """The T-LoRA goes on PEFT's base layer, as LyCORIS's create_lycoris_from_weights puts it: both adapters apply,
+    the ranks are the schedule's, and the output is LyCORIS's own (its mask set from the scheduler's step)."""
+    trained, _ = tiny.sd3(rank=None)
+    path = str(tmp_path / "sd3.safetensors")
+    save_trained(trained, trained.transformer, path, **SCHEDULE)
+
+    def pipeline(with_peft: bool):
+        pipe, kw = tiny.sd3(rank=None, steps=3)
+        if with_peft:
+            pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
+        return pipe, kw
+
+    reference, kw = pipeline(with_peft=True)
+    with lycoris_without_gc():
+        network, _ = create_lycoris_from_weights(1.0, path, reference.transformer)
+    network.apply_to()
+    assert sum(module.peft_wrapper is not None for module in network.loras) == 3, "LyCORIS's modules on PEFT's layers"
+    with scheduler_state_masks(reference, (8, 2, 0.5)):
+        expected = run(reference, kw, shape=SD3_LATENTS)
+    assert not torch.equal(run(reference, kw, shape=SD3_LATENTS), expected), "unmasked differs"
+
+    pipe, kw = pipeline(with_peft=True)
+    peft_only = run(pipe, kw, shape=SD3_LATENTS)
+    handle = load_tlora(pipe, path, mode=mode)
+    assert ("fold" in handle.mode["transformer"]) == (mode in ("fold", "auto"))
+    if mode == "lycoris":  # only LyCORIS's own forward reads the mask per module, so only it can be probed
+        rank_probe = request.getfixturevalue("rank_probe").watch("transformer", pipe.transformer)
+        out = run(pipe, kw, shape=SD3_LATENTS)
+        assert rank_probe.ranks() == [lycoris_rank(t, 1000, 8, 2, 0.5) for t in pipe.scheduler.timesteps]
+    else:
+        out = run(pipe, kw, shape=SD3_LATENTS)
+    assert not torch.equal(out, peft_only), "the T-LoRA applies"
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    unload_tlora(pipe)
+    assert torch.equal(run(pipe, kw, shape=SD3_LATENTS), peft_only), "the PEFT LoRA stays, untouched"

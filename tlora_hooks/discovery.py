@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -57,6 +58,29 @@ def components_of(target: Any) -> dict[str, nn.Module]:
     if is_pipeline(target):
         return {name: unwrap(module) for name, module in pipeline_modules(target).items()}
     raise TLoRAError(f"T-LoRA expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}.")
+
+
+def peft_base_layer(module: nn.Module) -> nn.Module | None:
+    """The layer a PEFT adapter layer (`peft.tuners.lora.Linear`, ...) wraps, or None for any other module.
+
+    Without PEFT imported no such layer exists, so PEFT is never imported here.
+    """
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None or not isinstance(module, tuners.BaseTunerLayer):
+        return None
+    return module.get_base_layer()
+
+
+def peft_wrapped_layers(denoiser: nn.Module) -> dict[int, nn.Module]:
+    """The PEFT adapter layer around each layer of `denoiser` that one wraps, by id of the wrapped layer."""
+    if "peft.tuners.tuners_utils" not in sys.modules:
+        return {}
+    wrapped = {}
+    for module in unwrap(denoiser).modules():
+        base = peft_base_layer(module)
+        if base is not None:
+            wrapped[id(base)] = module
+    return wrapped
 
 
 def applied_tlora_modules(denoiser: nn.Module) -> list[TLoraModule]:

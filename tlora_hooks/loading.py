@@ -18,7 +18,7 @@ from torch import nn
 from .api import enable_tlora
 from .base_cache import CacheArgument, cache_folder, check_cache_argument, fill_base_terms
 from .conventions import plan_timestep_reading
-from .discovery import applied_tlora_modules, components_of, is_pipeline
+from .discovery import applied_tlora_modules, components_of, is_pipeline, peft_base_layer
 from .errors import TLoRAError
 from .formats import ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
 from .hooks import TLoRAHandle, installed_hook, refuse_inside_open_block
@@ -251,9 +251,15 @@ def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float, cache
 
 
 def _allocate(key: str, layer: nn.Module, weights: ModuleWeights, multiplier: float) -> TLoraModuleWithoutSvd:
-    """Built on the meta device, then given uninitialised memory: nothing is computed that the file overwrites."""
+    """Built on the meta device, then given uninitialised memory: nothing is computed that the file overwrites.
+
+    On a layer a PEFT LoRA wraps, the module goes on PEFT's base layer, where LyCORIS puts it. It is built from the
+    base layer itself: given the PEFT layer, LyCORIS would keep it as a child module (`peft_wrapper`), and
+    `to_empty` would then wipe the PEFT LoRA's and the base layer's weights.
+    """
     from .tlora_module import TLoraModuleWithoutSvd
 
+    layer = peft_base_layer(layer) or layer
     with torch.device("meta"):
         module = TLoraModuleWithoutSvd(key, layer, multiplier=multiplier, lora_dim=weights.rank, alpha=weights.alpha)
     return module.to_empty(device=layer.weight.device)

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .discovery import DENOISER_SCHEDULERS, components_of, is_pipeline, unrunnable_conv, unwrap
+from .discovery import DENOISER_SCHEDULERS, components_of, is_pipeline, peft_base_layer, unrunnable_conv, unwrap
 from .errors import TLoRAError
 from .formats import TLoraFile
 from .formats.lycoris import lycoris_name
@@ -93,9 +93,20 @@ def match_file(target: Any, tlora_file: TLoraFile, component: str | None, strict
     return Match(component=name, denoiser=denoiser, layers=matched, unmatched=unmatched)
 
 
-def _check_layer(tlora_file: TLoraFile, key: str, layer: nn.Module) -> None:
-    """The module fits the layer it names, and LyCORIS's T-LoRA forward can run on it."""
+def _check_layer(tlora_file: TLoraFile, key: str, named: nn.Module) -> None:
+    """The module fits the layer it names, and LyCORIS's T-LoRA forward can run on it.
+
+    Where a PEFT LoRA already wraps the layer, the T-LoRA goes on PEFT's base layer, as LyCORIS's own
+    `create_lycoris_from_weights` puts it: PEFT's forward calls the base layer, so both adapters apply.
+    """
     module = tlora_file.modules[key]
+    layer = peft_base_layer(named) or named
+    if layer is not named and module.base is None and getattr(named, "merged", False):
+        raise TLoRAError(
+            f"{key}: a PEFT LoRA is fused into this layer, and the T-LoRA's base terms would be rebuilt from the "
+            "fused weights (not the ones it was trained on). Call pipe.unfuse_lora() before load_tlora, and "
+            "pipe.fuse_lora() again after it if you want the PEFT LoRA fused."
+        )
     if not isinstance(layer, SUPPORTED_LAYERS):
         raise TLoRAError(f"{key} names a {type(layer).__name__}; LyCORIS T-LoRA wraps Linear and Conv layers only.")
     if layer.weight.device.type == "meta":

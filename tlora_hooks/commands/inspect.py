@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from ..formats import TLoraFile
 
 DIGITS = re.compile(r"\d+")
+# TLoraFile.base_source -> what `inspect` says.
+BASE_TERMS = {
+    "saved": "saved in the file",
+    "rebuilt": "rebuilt from the model's weights at load",
+    "none": "none: the format has no base term (lambda = 1, a LoRA up(down(x) * mask))",
+}
 
 
 @dataclass(frozen=True)
@@ -92,9 +98,7 @@ def summarise(tlora_file: TLoraFile) -> dict[str, Any]:
         "ranks": tlora_file.ranks,
         "scales": tlora_file.scales,
         "lora_alphas": sorted({m.alpha for m in tlora_file.modules.values()}),
-        "base_terms": {"saved": "saved in the file", "rebuilt": "rebuilt from the model's weights at load"}.get(
-            tlora_file.base_source, tlora_file.base_source
-        ),
+        "base_terms": BASE_TERMS.get(tlora_file.base_source, tlora_file.base_source),
         "min_rank": settings.min_rank,
         "alpha": settings.alpha,
         "linear_dim": settings.linear_dim,

@@ -15,6 +15,8 @@ class BaseTerms:
     q: torch.Tensor
     p: torch.Tensor
     lam: torch.Tensor
+    # True where the format has no base term (official Vanilla/FLUX layers, a LoRA under the mask): all zeros.
+    zero: bool = False
 
 
 @dataclass
@@ -78,9 +80,13 @@ class TLoraFile:
 
     @property
     def base_source(self) -> str:
-        """Where the base terms come from: saved in the file, or rebuilt from the model's weights."""
-        saved = {module.base is not None for module in self.modules.values()}
-        return {frozenset({True}): "saved", frozenset({False}): "rebuilt"}.get(frozenset(saved), "mixed")
+        """Where the base terms come from: "saved" in the file, "rebuilt" from the model's weights, "none" (the
+        format has none), or "mixed"."""
+        kinds = {
+            "rebuilt" if module.base is None else "none" if module.base.zero else "saved"
+            for module in self.modules.values()
+        }
+        return kinds.pop() if len(kinds) == 1 else "mixed"
 
     @property
     def scales(self) -> list[float]:

@@ -27,15 +27,18 @@ from ..errors import TLoRAError
 from ..logging import get_logger
 from . import fold_kernel
 from .chain import ChainLink
-from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
+from .factors import base_layer, delta_factors, doubled_mask
 from .low_memory import LowMemoryMode
 from .stacked import StackedMode
-from .weight_watch import WeightWatch, storage_pointer, weight_of
+from .weight_watch import WeightWatch, plain_float, storage_pointer, weight_of
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
 
 logger = get_logger(__name__)
+
+# diffusers hooks on the denoiser itself that mean group offloading was applied to it.
+GROUP_OFFLOADING_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading")
 
 
 class FoldStack:
@@ -121,13 +124,19 @@ class FoldStack:
         changed = [index for index in self.watch.changed() if id(self.layers[index]) not in skip]
         if not changed:
             return
+        relinked = [index for index in changed if self._moved_back(index)]
+        changed = [index for index in changed if index not in relinked]
+        if not changed:
+            self.watch.remember()
+            return
         first = weight_of(self.layers[changed[0]])
-        if first is None or storage_pointer(first) is None or first.dtype not in FLOAT_WEIGHTS:
+        if not plain_float(first):
+            held = "W0 plus the T-LoRA delta of the last call" if self.folded_mask is not None else "W0"
             raise TLoRAError(
                 f"The weights T-LoRA mode 'fold' rewrites were offloaded or quantized after enable_tlora "
-                f"({getattr(first, 'device', None)}, {getattr(first, 'dtype', None)}). Call enable_tlora again after "
-                "setting up offloading or quantization: mode='auto' then picks 'low_memory', which never touches "
-                "the weights."
+                f"({type(first).__name__}, {getattr(first, 'device', None)}, {getattr(first, 'dtype', None)}) while "
+                f"they held {held}. Set up offloading or quantization first, from the base weights, then enable "
+                "T-LoRA: mode='auto' then picks 'low_memory', which never touches the weights."
             )
         if (first.device, first.dtype) != (self.device, self.dtype):
             self._follow_moved(first)
@@ -157,6 +166,20 @@ class FoldStack:
         self.watch.remember()
         logger.info("T-LoRA fold: took the weights of %d layers written since the last call as their new W0.",
                     len(changed))
+
+    def _moved_back(self, index: int) -> bool:
+        """The layer was given a new tensor holding exactly what its slice of the stack holds (accelerate's model
+        offload moves the module away and back between calls): point it at the stack again."""
+        weight = weight_of(self.layers[index])
+        target = self.weights[index]
+        if not plain_float(weight) or storage_pointer(weight) == target.data_ptr():
+            return False
+        if (weight.device, weight.dtype, weight.shape) != (target.device, target.dtype, target.shape):
+            return False
+        if not torch.equal(weight.detach(), target):
+            return False
+        weight.data = target
+        return True
 
     def _follow_moved(self, first: torch.Tensor) -> None:
         """`pipe.to(...)` after enabling gives the layers new tensors: move W0 and the factors after them."""
@@ -213,14 +236,18 @@ class FoldStack:
         ]
 
     def restore(self) -> None:
-        """Give every layer its original weight back, bit for bit, in its own storage (peak: one extra stack)."""
+        """Give every layer its original weight back, bit for bit, in its own storage (peak: one extra stack).
+
+        A weight since replaced by an offloaded or quantized one is left as it is: it cannot take W0 back.
+        """
         for handle in self._state_hooks:
             handle.remove()
-        for layer, original in zip(self.layers, self.base):
+        layers = [(layer, original) for layer, original in zip(self.layers, self.base) if plain_float(layer.weight)]
+        for layer, original in layers:
             if layer.weight.device == original.device and layer.weight.dtype == original.dtype:
                 layer.weight.data = original  # drop the view of the folded stack first
         self.weights = None
-        for layer, original in zip(self.layers, self.base):
+        for layer, original in layers:
             weight = layer.weight
             weight.data = original.to(device=weight.device, dtype=weight.dtype, copy=True)
         self.base = self.a = self.b = None
@@ -284,6 +311,7 @@ class FoldMode(StackedMode):
 
     def set_mask(self, mask: torch.Tensor) -> None:
         doubled: dict[tuple, torch.Tensor] = {}
+        self._refuse_group_offloading()
         with torch.no_grad():
             self._follow_peft()
             for stack in self.stacks:
@@ -299,6 +327,22 @@ class FoldMode(StackedMode):
         """Nothing to fold back: the next call refolds, and `remove()` restores W0."""
         if self.evicted is not None:
             self.evicted.clear_mask()
+
+    def _refuse_group_offloading(self) -> None:
+        """Group offloading applied after the fold may keep its own copies of the weights (with CUDA streams), so
+        its layers would run on those, not on the fold's: an error, before anything runs."""
+        denoiser = self.denoiser_ref()
+        hooks = getattr(getattr(denoiser, "_diffusers_hook", None), "hooks", {})
+        if not any(name in hooks for name in GROUP_OFFLOADING_HOOKS):
+            return
+        held = ("held W0 plus the T-LoRA delta of the last call" if any(s.folded_mask is not None for s in self.stacks)
+                else "held the base weights")
+        raise TLoRAError(
+            f"Group offloading was applied to {type(denoiser).__name__} after enable_tlora chose mode 'fold', whose "
+            f"weights {held} when offloading copied them. Apply group offloading before enable_tlora / load_tlora "
+            "(mode='auto' then runs 'low_memory', which never writes the weights): call disable_tlora(pipe), "
+            "reload or re-apply the offloading from the base weights, then enable T-LoRA."
+        )
 
     # -- PEFT LoRAs loaded after enabling -----------------------------------------------------------
     def _peft_adapters(self) -> tuple[str, ...]:

@@ -14,6 +14,8 @@ from operator import attrgetter, itemgetter
 import torch
 from torch import nn
 
+from .factors import FLOAT_WEIGHTS
+
 _version = attrgetter("_version")
 _weight = itemgetter("weight")
 
@@ -28,6 +30,16 @@ def storage_pointer(weight) -> int | None:
         return weight.data_ptr()
     except (RuntimeError, AttributeError, NotImplementedError):
         return None
+
+
+def plain_float(weight) -> bool:
+    """A weight the fold can write: a plain (not quantized, not meta) floating-point tensor."""
+    return (
+        isinstance(weight, torch.Tensor)
+        and type(weight.detach()) is torch.Tensor
+        and weight.device.type != "meta"
+        and weight.dtype in FLOAT_WEIGHTS
+    )
 
 
 def _pointers(params: list) -> list[int | None]:

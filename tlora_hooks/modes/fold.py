@@ -37,8 +37,16 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-# diffusers hooks on the denoiser itself that mean group offloading was applied to it.
-GROUP_OFFLOADING_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading")
+
+
+def keeps_weight_copies(denoiser: nn.Module | None) -> bool:
+    """Whether diffusers group offloading on `denoiser` keeps copies of the weights (CUDA streams: pinned copies;
+    a disk path: a file), which its layers load instead of the weights themselves."""
+    hooks = getattr(getattr(denoiser, "_diffusers_hook", None), "hooks", {})
+    if "lazy_prefetch_group_offloading" in hooks:  # applied with streams
+        return True
+    group = getattr(hooks.get("group_offloading"), "group", None)
+    return getattr(group, "stream", None) is not None or getattr(group, "offload_to_disk_path", None) is not None
 
 
 class FoldStack:
@@ -329,19 +337,20 @@ class FoldMode(StackedMode):
             self.evicted.clear_mask()
 
     def _refuse_group_offloading(self) -> None:
-        """Group offloading applied after the fold may keep its own copies of the weights (with CUDA streams), so
-        its layers would run on those, not on the fold's: an error, before anything runs."""
+        """Group offloading applied after the fold with CUDA streams or a disk path keeps its own copies of the
+        weights, taken when it was applied, and its layers run on those, not on the fold's: an error, before
+        anything runs. (Without either it moves the weights themselves, which the fold follows.)"""
         denoiser = self.denoiser_ref()
-        hooks = getattr(getattr(denoiser, "_diffusers_hook", None), "hooks", {})
-        if not any(name in hooks for name in GROUP_OFFLOADING_HOOKS):
+        if not keeps_weight_copies(denoiser):
             return
         held = ("held W0 plus the T-LoRA delta of the last call" if any(s.folded_mask is not None for s in self.stacks)
                 else "held the base weights")
         raise TLoRAError(
-            f"Group offloading was applied to {type(denoiser).__name__} after enable_tlora chose mode 'fold', whose "
-            f"weights {held} when offloading copied them. Apply group offloading before enable_tlora / load_tlora "
-            "(mode='auto' then runs 'low_memory', which never writes the weights): call disable_tlora(pipe), "
-            "reload or re-apply the offloading from the base weights, then enable T-LoRA."
+            f"Group offloading with streams or a disk path was applied to {type(denoiser).__name__} after "
+            f"enable_tlora chose mode 'fold'; its copies of the weights {held} when it was applied. Apply group "
+            "offloading before enable_tlora / load_tlora (mode='auto' then runs 'low_memory', which never writes the "
+            "weights): call disable_tlora(pipe), reload or re-apply the offloading from the base weights, then enable "
+            "T-LoRA."
         )
 
     # -- PEFT LoRAs loaded after enabling -----------------------------------------------------------

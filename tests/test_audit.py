@@ -126,7 +126,16 @@ def fp8_storage(pipe) -> None:
     apply_layerwise_casting(pipe.transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
 
 
-@pytest.mark.parametrize("mode", ["fold", "low_memory"])
+@pytest.mark.parametrize("mode", MODES)
+def test_layerwise_casting_before_enabling(mode):
+    pipe, kw = tiny.sd3(steps=3)
+    fp8_storage(pipe)
+    with enable_tlora(pipe, *SCHEDULE, mode=mode) as handle:
+        assert "fold" not in handle.mode["transformer"], "fp8 weights are never folded"
+        assert_matches(run(pipe, kw, latents()), reference(fp8_storage))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_layerwise_casting_after_enabling(mode):
     pipe, kw, _ = enabled_and_run_once(mode)
     fp8_storage(pipe)

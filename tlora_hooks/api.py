@@ -33,7 +33,8 @@ def enable_tlora(
 
     Every denoiser holding applied LyCORIS T-LoRA modules gets a forward pre-hook that reads the call's timestep,
     snaps it to the scheduler's schedule and sets the mask of the rank T-LoRA was trained with at that timestep.
-    Enabling again replaces the previous hooks; a failed call leaves the pipeline as it was.
+    Enabling again replaces the previous hooks, except those of an open `with enable_tlora(...)` block (a
+    TLoRAError: nested blocks are not a stack); a failed call leaves the pipeline as it was.
 
     Args:
         target: A Diffusers pipeline, or a bare denoiser `nn.Module`.

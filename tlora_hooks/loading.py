@@ -82,8 +82,9 @@ def load_tlora(
 ) -> TLoRAHandle:
     """Load a T-LoRA file onto a pipeline (or a bare denoiser) and mask it by timestep on every denoiser call.
 
-    The file becomes LyCORIS T-LoRA modules applied (never merged) to the matching layers, then `enable_tlora` hooks
-    the denoiser. Loading again replaces what was loaded on that denoiser; a failed call changes nothing.
+    The file becomes LyCORIS T-LoRA modules applied (never merged) to the matching layers (on PEFT's base layer where
+    a PEFT LoRA wraps one), then `enable_tlora` hooks the denoiser. Loading again replaces what was loaded on that
+    denoiser; a failed call changes nothing. `with load_tlora(...):` unloads at the end of the block.
 
     Args:
         target: A Diffusers pipeline, or a bare denoiser `nn.Module`.

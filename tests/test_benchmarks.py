@@ -42,6 +42,7 @@ def test_bench_host_overhead_times_every_variant(run):
     (result,) = run("bench_host_overhead.py", "--reps", "1", "--loops", "1")
     assert set(result["us_per_layer_call"]) == {"plain", "lycoris", "lycoris_bypass", "low_memory", "fold"}
     assert set(result["us_mask_update_per_call"]) == {"lycoris", "lycoris_bypass", "low_memory", "fold"}
+    assert result["us_fold_write_check_per_call"] > 0
 
 
 def test_cost_model_counts_each_layer_once(run):

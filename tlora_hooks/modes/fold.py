@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 
-
 def keeps_weight_copies(denoiser: nn.Module | None) -> bool:
     """Whether diffusers group offloading on `denoiser` keeps copies of the weights (CUDA streams: pinned copies;
     a disk path: a file), which its layers load instead of the weights themselves."""
@@ -155,9 +154,9 @@ class FoldStack:
                 f"The weights of {len(names)} layers that T-LoRA mode 'fold' rewrites (e.g. {names[0]}) were written "
                 "while they held W0 plus the T-LoRA delta of the last call (an in-place edit, an optimizer step, a "
                 "new tensor), so the edit cannot be told apart from the delta, and the next call would overwrite it. "
-                "Nothing ran. Call disable_tlora(pipe) (it puts back the weights as they were at the last call), make "
-                "the edit then, and enable T-LoRA again; or use mode='low_memory', which never writes the weights. "
-                "load_state_dict, state_dict, pipe.to and PEFT's fuse_lora need none of this."
+                "Nothing ran. Call disable_tlora(pipe) (it puts back the base weights as they were before the edit), "
+                "make the edit then, and enable T-LoRA again; or use mode='low_memory', which never writes the "
+                "weights. load_state_dict, state_dict, pipe.to and PEFT's fuse_lora need none of this."
             )
         with torch.no_grad(), torch.inference_mode(False):
             for index in changed:

@@ -30,7 +30,7 @@ CASES = {
     "import torch, diffusers": ["-c", "import torch, diffusers"],
     "import lycoris (deferred by tlora_hooks)": ["-c", "import lycoris"],
     "import tlora_hooks": ["-c", "import tlora_hooks"],
-    f"from tlora_hooks import {PUBLIC}": ["-c", f"from tlora_hooks import {PUBLIC}"],
+    "from tlora_hooks import (public names)": ["-c", f"from tlora_hooks import {PUBLIC}"],
     "tlora-hooks --help": ["-m", "tlora_hooks", "--help"],
     "tlora-hooks schedule": ["-m", "tlora_hooks", "schedule"],
     "tlora-hooks schedule --scheduler euler": ["-m", "tlora_hooks", "schedule", "--scheduler", "euler"],

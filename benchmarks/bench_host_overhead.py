@@ -5,7 +5,8 @@
 On an eager GPU run every layer call costs host time to launch its kernels; SDXL has 700 T-LoRA layers per call,
 so microseconds per layer decide whether the GPU waits for the host. Each targeted layer is called with a one-token
 input, so the kernels are negligible and the time is the host's: Python frames, dispatch, launches (on CUDA without
-synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_mask` + `clear_mask`).
+synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_mask` + `clear_mask`), and
+the fold's check for writes from outside alone (part of its `set_mask`).
 Variants as in bench_forward.py; interleaved repetitions, medians. Prints a table and a `RESULT {json}` line.
 """
 
@@ -53,6 +54,23 @@ def time_mask_update(model, mask, device, loops):
     return (time.perf_counter() - start) / loops
 
 
+def time_write_check(model, loops):
+    """Seconds per check of every folded weight for writes from outside (version counter and storage), which the
+    fold runs before each denoiser call; None where the mode folds nothing."""
+    from tlora_hooks.hooks import installed_hook
+
+    parts = getattr(installed_hook(model).mode, "parts", ())
+    stacks = [stack for part in parts for stack in getattr(part, "stacks", ())
+              if hasattr(stack, "take_outside_writes")]
+    if not stacks:
+        return None
+    start = time.perf_counter()
+    for _ in range(loops):
+        for stack in stacks:
+            stack.take_outside_writes()
+    return (time.perf_counter() - start) / loops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -70,6 +88,7 @@ def main() -> None:
     mask[:, args.rank // 2:] = 0
     samples = {name: [] for name in VARIANTS}
     updates = {name: [] for name in VARIANTS}
+    checks = []
     for repetition in range(args.reps + 1):  # the first round is untimed
         order = VARIANTS[repetition % len(VARIANTS):] + VARIANTS[: repetition % len(VARIANTS)]
         for name in order:
@@ -77,10 +96,13 @@ def main() -> None:
                 call(scheduler.timesteps[0].to(device))  # builds each path's state, as a first denoiser call does
                 seconds = time_layers(layers, inputs, device, args.loops)
                 update = time_mask_update(model, mask, device, args.loops) if handle is not None else None
+                check = time_write_check(model, 100 * args.loops) if handle is not None else None
             if repetition:
                 samples[name].append(seconds)
                 if update is not None:
                     updates[name].append(update)
+                if check is not None:
+                    checks.append(check)
     per_layer = {name: statistics.median(values) for name, values in samples.items()}
     result = dict(
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -95,6 +117,7 @@ def main() -> None:
             name: round(value * len(layers) * 1e3, 3) for name, value in per_layer.items()
         },
         us_mask_update_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in updates.items() if v},
+        us_fold_write_check_per_call=round(statistics.median(checks) * 1e6, 1) if checks else None,
     )
     print(f"{'variant':16}{'us/layer call':>15}{'over plain':>12}{'ms per call, all layers':>26}")
     for name in VARIANTS:

@@ -12,12 +12,15 @@ import torch
 from lycoris.logging import logger as lycoris_logger
 from lycoris.modules.tlora import TLoraModule, compute_timestep_mask
 
+from tlora_hooks import logging as tlora_logging
 from tlora_hooks.modes import build as mode_build
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # tiny.py and the other test helpers; the repository root for devtools/, shared with the benchmarks.
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 lycoris_logger.setLevel(logging.WARNING)
+# The library's logger does not propagate by default (as diffusers'); caplog listens on the root logger.
+tlora_logging.enable_propagation()
 warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
 # Tiny models on shared 2-core machines: extra intra-op threads only spin (measured 40x slower per tiny SDXL run).
 torch.set_num_threads(1)

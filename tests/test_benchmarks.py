@@ -42,6 +42,7 @@ def test_bench_host_overhead_times_every_variant(run):
     (result,) = run("bench_host_overhead.py", "--reps", "1", "--loops", "1")
     assert set(result["us_per_layer_call"]) == {"plain", "lycoris", "lycoris_bypass", "low_memory", "fold"}
     assert set(result["us_mask_update_per_call"]) == {"lycoris", "lycoris_bypass", "low_memory", "fold"}
+    assert result["us_fold_write_check_per_call"] > 0
 
 
 def test_cost_model_counts_each_layer_once(run):
@@ -55,3 +56,9 @@ def test_bench_load_times_the_cached_load_and_its_hit_equals_the_rebuild(run):
     assert result["cache_hit_bit_identical"] is True
     assert result["load_tlora_cache_cold_s"] > 0 and result["load_tlora_cache_hit_s"] > 0
     assert result["cache_key_weight_checksums_s"] > 0 and result["cache_file_mib"] > 0
+
+
+def test_bench_startup_times_fresh_processes(run):
+    (result,) = run("bench_startup.py", "--reps", "1", "--cases", "help")
+    assert list(result["median_seconds"]) == ["tlora-hooks --help"]
+    assert result["median_seconds"]["tlora-hooks --help"] > 0

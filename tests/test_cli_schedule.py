@@ -117,3 +117,12 @@ def test_the_console_script_is_the_one_pyproject_declares_and_runs_main():
     assert EntryPoint("tlora-hooks", declared, "console_scripts").load() is main
     (installed,) = [e for e in entry_points(group="console_scripts") if e.name == "tlora-hooks"]
     assert installed.value == declared, "the installed package is stale: reinstall it (pip install -e .)"
+
+
+def test_the_documented_output_is_what_the_documented_command_prints(capsys):
+    """docs/cli.md shows a `schedule` command and, below it, its output: both must stay true together."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
+    command = "tlora-hooks schedule --alpha 2.0 --scheduler flow --steps 25 --shift 3.0"
+    assert command in page and "The second command above prints:" in page
+    assert main(command.split()[1:]) == 0
+    assert f"```\n{capsys.readouterr().out}```" in page

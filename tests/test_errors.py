@@ -157,3 +157,24 @@ def test_missing_timestep_argument_is_reported():
     with pytest.raises(TLoRAError, match="called without its `timestep` argument"):
         pipe.transformer(hidden_states=sample, encoder_hidden_states=torch.randn(1, 8, 32),
                          pooled_projections=torch.randn(1, 64))
+
+
+def test_tlora_on_convolutions_larger_than_1x1_is_refused_before_anything_changes():
+    """A LyCORIS preset with ResnetBlock2D puts T-LoRA modules on 3x3 convs, whose LyCORIS forward fails at the
+    first call (its masked delta has a 1x1 kernel): enable_tlora refuses them as load_tlora does."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    pipe, kw = tiny.sdxl(rank=None)
+    LycorisNetwork.apply_preset({"target_module": ["Attention", "ResnetBlock2D"]})
+    with lycoris_without_gc():
+        network = create_lycoris(pipe.unet, 1.0, linear_dim=4, linear_alpha=4, conv_dim=4, conv_alpha=4,
+                                 algo="tlora", warn_on_unmatched=False)
+    network.apply_to()
+    convs = [m for m in network.loras if m.isconv and m.org_module[0].kernel_size != (1, 1)]
+    assert convs, "the preset must put modules on 3x3 convs"
+    before = snapshot(pipe)
+    with pytest.raises(TLoRAError, match=rf"{convs[0].lora_name} wraps a \(3, 3\) conv.*1x1 convs.*ResnetBlock2D"):
+        enable_tlora(pipe, max_rank=4)
+    assert snapshot(pipe) == before
+    with pytest.raises(RuntimeError):  # why: LyCORIS's own forward on the 3x3 conv, with no hook involved
+        pipe(**kw)

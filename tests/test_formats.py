@@ -57,7 +57,7 @@ def test_official_sdxl_keys_map_onto_the_layers_the_processor_adds_to(tmp_path, 
     state = tlora_files.official_state(sdxl_unet, 4, variant)
     tlora_file = read_tlora_file(tlora_files.save_official_sdxl(state, tmp_path / "pytorch_lora_weights.safetensors"))
     assert tlora_file.format == f"controlgenai-{variant}"
-    assert tlora_file.base_source == "saved" and tlora_file.scales == [1.0]
+    assert tlora_file.base_source == {"ortho": "saved", "vanilla": "none"}[variant] and tlora_file.scales == [1.0]
     names = lycoris_names(sdxl_unet)
     expected = tlora_files.official_layers(sdxl_unet)
     mapped = {module.source_key: names[name] for name, module in tlora_file.modules.items()}
@@ -185,6 +185,25 @@ def test_inspect_prints_what_the_file_holds(simpletuner_path, capsys):
     assert main(["inspect", "--json", path]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["modules"] == count and summary["scales"] == [0.5] and summary["family"].startswith("UNet")
+
+
+@pytest.mark.parametrize(
+    "variant,save,says",
+    [
+        ("vanilla", tlora_files.save_official_flux, "none: the format has no base term"),
+        ("vanilla", tlora_files.save_official_sdxl, "none: the format has no base term"),
+        ("ortho", tlora_files.save_official_sdxl, "saved in the file"),
+    ],
+    ids=["flux_lora_pt", "sdxl_vanilla", "sdxl_ortho"],
+)
+def test_inspect_says_where_the_base_terms_come_from(tmp_path, variant, save, says, capsys):
+    """Official Vanilla and FLUX files have no base term (docs/loading.md's formats table), Ortho files save theirs."""
+    flux = save is tlora_files.save_official_flux
+    pipe, _ = tiny.flux(rank=None, dtype=torch.float32) if flux else tiny.sdxl(rank=None)
+    denoiser = pipe.transformer if flux else pipe.unet
+    path = save(tlora_files.official_state(denoiser, 4, variant), tmp_path / "official")
+    assert main(["inspect", path]) == 0
+    assert f"base terms:    {says}" in capsys.readouterr().out
 
 
 def test_inspect_recognises_sdxl_and_flux_widths(tmp_path):

@@ -12,7 +12,7 @@ from lycoris.modules.tlora import get_timestep_mask
 import tiny
 from compat_tools import hook_counts
 from conftest import lycoris_rank
-from tlora_hooks import disable_tlora, enable_tlora
+from tlora_hooks import TLoRAError, disable_tlora, enable_tlora
 from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import STATE_ATTRIBUTE
 
@@ -120,3 +120,33 @@ def test_mask_is_built_in_the_modules_dtype_on_the_call_device():
     mask = hook.mask_for(torch.tensor([0.5], dtype=torch.bfloat16), torch.device("cpu"))
     assert mask.shape == (1, 8) and mask.dtype == applied_tlora_modules(pipe.transformer)[0].lambda_layer.dtype
     handle.remove()
+
+
+# -- nested `with` blocks: an error, never an unmasked rest of the outer block ----------------------------------------
+def test_an_inner_with_block_on_the_same_denoiser_raises_and_the_outer_stays_masked(rank_probe):
+    pipe, kw = tiny.sdxl(steps=3)
+    rank_probe.watch("unet", pipe.unet)
+    with enable_tlora(pipe, max_rank=8) as outer:
+        before = (hook_counts(pipe.unet), getattr(pipe.unet, STATE_ATTRIBUTE))
+        with pytest.raises(TLoRAError, match="open `with enable_tlora"):
+            with enable_tlora(pipe, max_rank=8, alpha=2.0):
+                pass
+        with pytest.raises(TLoRAError, match="open `with enable_tlora"):
+            enable_tlora(pipe, max_rank=8, alpha=2.0)  # a plain call would replace the block's hooks too
+        assert (hook_counts(pipe.unet), getattr(pipe.unet, STATE_ATTRIBUTE)) == before
+        pipe(**kw)  # the rest of the outer block: still masked, with its own schedule
+        assert outer.denoisers == ["unet"]
+    expected = [lycoris_rank(t, 1000, 8) for t in pipe.scheduler.timesteps]
+    assert rank_probe.ranks() == expected and len(set(expected)) > 1
+    enable_tlora(pipe, max_rank=8, alpha=2.0).remove()  # after the block, enabling works again
+
+
+def test_plain_repeated_enables_still_replace_and_blocks_on_other_denoisers_are_independent():
+    pipe, _ = tiny.wan("2.2_a14b")
+    enable_tlora(pipe, max_rank=8)
+    enable_tlora(pipe, max_rank=8, alpha=2.0)  # no `with`: replaces, as documented
+    with enable_tlora(pipe, max_rank=8, components=["transformer"]) as high:
+        with enable_tlora(pipe, max_rank=8, min_rank=3, components=["transformer_2"]) as low:
+            assert high.denoisers == ["transformer"] and low.denoisers == ["transformer_2"]
+        assert high.denoisers == ["transformer"], "the inner block ended only its own denoiser's hooks"
+    assert STATE_ATTRIBUTE not in pipe.transformer.__dict__ and STATE_ATTRIBUTE not in pipe.transformer_2.__dict__

@@ -3,17 +3,19 @@ and every bad input raises TLoRAError without touching the pipeline."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import torch
 from lycoris import create_lycoris_from_weights
 from lycoris.modules.tlora import set_timestep_mask
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from test_compat import tiny_peft_lora
 
 import tiny
 import tlora_files
-from compat_tools import hook_counts
+from compat_tools import hook_counts, scheduler_state_masks
 from conftest import lycoris_rank
 from devtools.lycoris_build import lycoris_without_gc
 from tlora_hooks import TLoRAError, enable_tlora, load_tlora, loading, unload_tlora
@@ -25,8 +27,8 @@ from tlora_hooks.schedule import masks_by_rank
 SCHEDULE = dict(linear_dim=8, linear_alpha=4, tlora_min_rank=2, tlora_alpha=0.5)
 
 
-def run(pipe, kw, seed=1):
-    shape = (1, 4, 4, 4) if hasattr(pipe, "unet") else (1, 4, 4)
+def run(pipe, kw, seed=1, shape=None):
+    shape = shape or ((1, 4, 4, 4) if hasattr(pipe, "unet") else (1, 4, 4))
     dtype = next(pipe.components[n] for n in ("unet", "transformer") if n in pipe.components).dtype
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     return pipe(**kw, latents=latents, return_dict=False)[0]
@@ -329,6 +331,44 @@ def bad_files(tmp_path_factory):
     files["conv_3x3"] = str(folder / "conv3x3.safetensors")
     good = tlora_files.official_state(sdxl.unet, 4, "ortho")
     files["good"] = tlora_files.save_official_sdxl(good, folder / "good.safetensors")
+    files.update(damaged_lycoris_files(folder))
+    return files
+
+
+# A module of the tiny SDXL's LyCORIS file, and what each damaged copy changes in it.
+FIRST = "lycoris_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k"
+DAMAGE = {
+    "int32_q": lambda t: t.update({f"{FIRST}.q_layer.weight": t[f"{FIRST}.q_layer.weight"].to(torch.int32)}),
+    "bool_lambda": lambda t: t.update({f"{FIRST}.lambda_layer": t[f"{FIRST}.lambda_layer"] > 0}),
+    "nan_p": lambda t: t[f"{FIRST}.p_layer.weight"].view(-1)[3:4].fill_(float("nan")),
+    "inf_alpha": lambda t: t[f"{FIRST}.alpha"].fill_(float("inf")),
+    "two_alphas": lambda t: t.update({f"{FIRST}.alpha": torch.tensor([4.0, 4.0])}),
+}
+# lycoris_config metadata that cannot be used: a load without arguments must refuse it, not fall back to defaults.
+BAD_METADATA = {
+    "config_not_json": '{"algo": "tlora", "tlora_min_rank": 2,',
+    "config_a_list": '["tlora", 2, 0.5]',
+    "alpha_abc": json.dumps({"algo": "tlora", "tlora_min_rank": 1, "tlora_alpha": "abc"}),
+    "min_rank_2.5": json.dumps({"algo": "tlora", "tlora_min_rank": 2.5, "tlora_alpha": 1.0}),
+    "min_rank_true": json.dumps({"algo": "tlora", "tlora_min_rank": True, "tlora_alpha": 1.0}),
+}
+
+
+def damaged_lycoris_files(folder) -> dict[str, str]:
+    """Copies of one LyCORIS file of the tiny SDXL, each damaged in one tensor or in its metadata."""
+    source, _ = tiny.sdxl(rank=None)
+    network = tiny.add_tlora(source.unet, 4)
+    clean = str(folder / "clean_lycoris.safetensors")
+    tlora_files.simpletuner_file(network, clean)
+    files = {}
+    for case, damage in DAMAGE.items():
+        tensors = load_file(clean)
+        damage(tensors)
+        files[case] = str(folder / f"{case}.safetensors")
+        save_file(tensors, files[case])
+    for case, config in BAD_METADATA.items():
+        files[case] = str(folder / f"{case}.safetensors")
+        save_file(load_file(clean), files[case], {"lycoris_config": config})
     return files
 
 
@@ -346,6 +386,18 @@ BAD = {
     "bad_multiplier": (dict(path="good", multiplier=float("nan")), TLoRAError, "multiplier must be a finite number"),
     "min_rank_above_rank": (dict(path="good", min_rank=5), TLoRAError, "larger than max_rank"),
     "unknown_component": (dict(path="good", component="vae"), TLoRAError, "not a module of this pipeline"),
+    # The tensors each module uses are floating point, finite, and shaped as one module (the first bad key named).
+    "int32_tensor": (dict(path="int32_q"), TLoRAError, f"{FIRST}.q_layer.weight holds torch.int32 values"),
+    "bool_tensor": (dict(path="bool_lambda"), TLoRAError, f"{FIRST}.lambda_layer holds torch.bool values"),
+    "nan_value": (dict(path="nan_p"), TLoRAError, f"{FIRST}.p_layer.weight holds NaN or infinite values"),
+    "inf_alpha": (dict(path="inf_alpha"), TLoRAError, rf"{FIRST}.alpha holds NaN or infinite values"),
+    "alpha_not_scalar": (dict(path="two_alphas"), TLoRAError, rf"{FIRST}.alpha holds 2 values"),
+    # lycoris_config that is present but unusable: an error naming the key, never a silent default.
+    "metadata_not_json": (dict(path="config_not_json"), TLoRAError, "`lycoris_config` metadata is not valid JSON"),
+    "metadata_a_list": (dict(path="config_a_list"), TLoRAError, "`lycoris_config` metadata is a JSON list"),
+    "metadata_alpha_abc": (dict(path="alpha_abc"), TLoRAError, r"`tlora_alpha` = 'abc', not a finite number.*alpha="),
+    "metadata_min_rank_2.5": (dict(path="min_rank_2.5"), TLoRAError, r"`tlora_min_rank` = 2.5, not an integer >= 0"),
+    "metadata_min_rank_true": (dict(path="min_rank_true"), TLoRAError, r"`tlora_min_rank` = True, not an integer"),
 }
 
 
@@ -470,3 +522,84 @@ def test_loading_on_cuda_builds_and_rebuilds_there(sdxl_trained):
         out = pipe(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}, latents=latents,
                    return_dict=False)[0]
     torch.testing.assert_close(out.cpu(), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(BAD_METADATA))
+def test_arguments_override_unusable_metadata(bad_files, sdxl, case, caplog):
+    """min_rank= and alpha= replace what the metadata records, readable or not; the load then goes on."""
+    pipe, kw = sdxl
+    with caplog.at_level(logging.INFO, logger="tlora_hooks"):
+        load_tlora(pipe, bad_files[case], min_rank=2, alpha=0.5)
+    schedule = installed_hook(pipe.unet).call_rank.schedule
+    assert (schedule.max_rank, schedule.min_rank, schedule.alpha) == (4, 2, 0.5)
+    assert "overrides the file's" in caplog.text
+    with pytest.raises(TLoRAError, match="Pass (min_rank|alpha)="):  # one argument is not enough where both are bad
+        load_tlora(pipe, bad_files[case], **({"alpha": 0.5} if "min_rank" in case else {"min_rank": 2}))
+
+
+def test_inspect_and_convert_name_unusable_metadata(bad_files, tmp_path, capsys):
+    assert main(["inspect", bad_files["alpha_abc"]]) == 0
+    assert "alpha:         invalid: its `lycoris_config` metadata has `tlora_alpha` = 'abc'" in capsys.readouterr().out
+    assert main(["convert", bad_files["alpha_abc"], str(tmp_path / "out.safetensors")]) == 2
+    assert "`tlora_alpha` = 'abc'" in capsys.readouterr().err and not (tmp_path / "out.safetensors").exists()
+    assert main(["convert", bad_files["alpha_abc"], str(tmp_path / "out.safetensors"), "--alpha", "0.5"]) == 0
+
+
+def test_with_load_tlora_unloads_at_the_end_and_cannot_be_nested(bad_files, sdxl_trained, sdxl):
+    """Left applied without its hooks, the file's modules would run every rank at every step after the block."""
+    pipe, kw = sdxl
+    before_state, before = layer_state(pipe.unet), run(pipe, kw)
+    with load_tlora(pipe, bad_files["good"], min_rank=1):
+        loaded = run(pipe, kw)
+        with pytest.raises(TLoRAError, match="open `with enable_tlora"):
+            with load_tlora(pipe, sdxl_trained[0]):
+                pass
+        with pytest.raises(TLoRAError, match="open `with enable_tlora"):
+            enable_tlora(pipe, max_rank=4, alpha=2.0)
+        assert torch.equal(run(pipe, kw), loaded), "the open block keeps its file, hooks and schedule"
+    assert not torch.equal(loaded, before)
+    assert torch.equal(run(pipe, kw), before) and layer_state(pipe.unet) == before_state
+    assert not applied_tlora_modules(pipe.unet) and installed_hook(pipe.unet) is None
+
+
+# -- a PEFT LoRA already on the layers --------------------------------------------------------------------------------
+SD3_LATENTS = (1, 4, 4, 4)
+
+
+@pytest.mark.parametrize("mode", ["lycoris", "low_memory", "fold", "auto"])
+def test_load_tlora_onto_layers_a_peft_lora_wraps(tmp_path, mode, request):
+    """The T-LoRA goes on PEFT's base layer, as LyCORIS's create_lycoris_from_weights puts it: both adapters apply,
+    the ranks are the schedule's, and the output is LyCORIS's own (its mask set from the scheduler's step)."""
+    trained, _ = tiny.sd3(rank=None)
+    path = str(tmp_path / "sd3.safetensors")
+    save_trained(trained, trained.transformer, path, **SCHEDULE)
+
+    def pipeline(with_peft: bool):
+        pipe, kw = tiny.sd3(rank=None, steps=3)
+        if with_peft:
+            pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
+        return pipe, kw
+
+    reference, kw = pipeline(with_peft=True)
+    with lycoris_without_gc():
+        network, _ = create_lycoris_from_weights(1.0, path, reference.transformer)
+    network.apply_to()
+    assert sum(module.peft_wrapper is not None for module in network.loras) == 3, "LyCORIS's modules on PEFT's layers"
+    with scheduler_state_masks(reference, (8, 2, 0.5)):
+        expected = run(reference, kw, shape=SD3_LATENTS)
+    assert not torch.equal(run(reference, kw, shape=SD3_LATENTS), expected), "unmasked differs"
+
+    pipe, kw = pipeline(with_peft=True)
+    peft_only = run(pipe, kw, shape=SD3_LATENTS)
+    handle = load_tlora(pipe, path, mode=mode)
+    assert ("fold" in handle.mode["transformer"]) == (mode in ("fold", "auto"))
+    if mode == "lycoris":  # only LyCORIS's own forward reads the mask per module, so only it can be probed
+        rank_probe = request.getfixturevalue("rank_probe").watch("transformer", pipe.transformer)
+        out = run(pipe, kw, shape=SD3_LATENTS)
+        assert rank_probe.ranks() == [lycoris_rank(t, 1000, 8, 2, 0.5) for t in pipe.scheduler.timesteps]
+    else:
+        out = run(pipe, kw, shape=SD3_LATENTS)
+    assert not torch.equal(out, peft_only), "the T-LoRA applies"
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    unload_tlora(pipe)
+    assert torch.equal(run(pipe, kw, shape=SD3_LATENTS), peft_only), "the PEFT LoRA stays, untouched"

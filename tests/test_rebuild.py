@@ -8,8 +8,8 @@ import torch
 from lycoris.modules.tlora import TLoraModule
 
 from devtools.lycoris_build import lycoris_without_gc
-from tlora_hooks.loading import TLoraModuleWithoutSvd
 from tlora_hooks.rebuild import DECOMPOSITIONS, principal_base_terms, rebuild_base_terms
+from tlora_hooks.tlora_module import TLoraModuleWithoutSvd
 
 LAYERS = {
     "linear_wide": lambda: torch.nn.Linear(48, 16),

@@ -8,10 +8,10 @@ from typing import Any, Callable, Collection
 
 from .call_rank import CallRank
 from .conventions import TimestepFn, plan_timestep_reading
-from .discovery import components_of, find_denoisers, is_pipeline, scheduler_attribute
+from .discovery import components_of, find_denoisers, is_pipeline, scheduler_attribute, unrunnable_conv
 from .errors import TLoRAError
-from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group
-from .logging_utils import get_logger
+from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group, refuse_inside_open_block
+from .logging import get_logger
 from .modes import build_mode, check_mode
 from .schedule import RankSchedule
 
@@ -33,7 +33,8 @@ def enable_tlora(
 
     Every denoiser holding applied LyCORIS T-LoRA modules gets a forward pre-hook that reads the call's timestep,
     snaps it to the scheduler's schedule and sets the mask of the rank T-LoRA was trained with at that timestep.
-    Enabling again replaces the previous hooks; a failed call leaves the pipeline as it was.
+    Enabling again replaces the previous hooks, except those of an open `with enable_tlora(...)` block (a
+    TLoRAError: nested blocks are not a stack); a failed call leaves the pipeline as it was.
 
     Args:
         target: A Diffusers pipeline, or a bare denoiser `nn.Module`.
@@ -67,12 +68,15 @@ def enable_tlora(
     found = find_denoisers(target)
     if components is not None:
         found = _only_components(found, components)
+    _check_runnable(found)
     schedule = _schedule_for(found, max_rank, min_rank, alpha)
     pipeline = target if is_pipeline(target) else None
     plans = {
         name: plan_timestep_reading(name, denoiser, pipeline, timestep_fn)
         for name, (denoiser, _) in found.items()
     }
+    replaced = components_of(target).values() if components is None else [d for d, _ in found.values()]
+    refuse_inside_open_block(replaced, "enable_tlora")
     # Everything is validated: from here on the pipeline changes.
     if components is None:
         disable_tlora(target)
@@ -127,6 +131,18 @@ def _only_components(found: dict, components: Collection[str]) -> dict:
             f"(components with modules: {', '.join(found) or 'none'})."
         )
     return {name: value for name, value in found.items() if name in components}
+
+
+def _check_runnable(found: dict) -> None:
+    """Refuse modules whose LyCORIS forward would fail at the first call, before anything changes."""
+    for _, modules in found.values():
+        for module in modules:
+            problem = unrunnable_conv(module.lora_name, module.org_module[0])
+            if problem is not None:
+                raise TLoRAError(
+                    f"{problem}. Build the LyCORIS network without these modules (a preset that leaves out "
+                    "ResnetBlock2D and other k x k convs), then enable T-LoRA."
+                )
 
 
 def _schedule_for(found: dict, max_rank: int | None, min_rank: int, alpha: float) -> RankSchedule:

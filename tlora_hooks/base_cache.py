@@ -12,16 +12,18 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
-from lycoris.modules.tlora import TLoraModule
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import rebuild
 from .errors import TLoRAError
-from .logging_utils import get_logger
+from .logging import get_logger
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 logger = get_logger(__name__)
 

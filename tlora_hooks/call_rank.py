@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .conventions import REDUCTIONS, ConventionChoice, TimestepConvention
-from .logging_utils import get_logger
+from .logging import get_logger
 from .schedule import RankSchedule, masks_by_rank
 
 logger = get_logger(__name__)

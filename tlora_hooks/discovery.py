@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gc
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
 from .errors import TLoRAError
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 # Pipeline attributes that hold a denoiser, and the scheduler attribute that steps it. Combined Kandinsky and
 # Stable Cascade pipes hold the prior as `prior_prior`, stepped by `prior_scheduler` (tested: snapping to the
@@ -57,8 +60,33 @@ def components_of(target: Any) -> dict[str, nn.Module]:
     raise TLoRAError(f"T-LoRA expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}.")
 
 
+def peft_base_layer(module: nn.Module) -> nn.Module | None:
+    """The layer a PEFT adapter layer (`peft.tuners.lora.Linear`, ...) wraps, or None for any other module.
+
+    Without PEFT imported no such layer exists, so PEFT is never imported here.
+    """
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None or not isinstance(module, tuners.BaseTunerLayer):
+        return None
+    return module.get_base_layer()
+
+
+def peft_wrapped_layers(denoiser: nn.Module) -> dict[int, nn.Module]:
+    """The PEFT adapter layer around each layer of `denoiser` that one wraps, by id of the wrapped layer."""
+    if "peft.tuners.tuners_utils" not in sys.modules:
+        return {}
+    wrapped = {}
+    for module in unwrap(denoiser).modules():
+        base = peft_base_layer(module)
+        if base is not None:
+            wrapped[id(base)] = module
+    return wrapped
+
+
 def applied_tlora_modules(denoiser: nn.Module) -> list[TLoraModule]:
     """T-LoRA modules that LyCORIS `apply_to()` put in this module's forward path."""
+    from lycoris.modules.tlora import TLoraModule
+
     found = []
     for layer in unwrap(denoiser).modules():
         for wrapper in layer.__dict__.get("_lycoris_wrappers", ()):
@@ -72,12 +100,29 @@ def detached_tlora_modules(denoiser: nn.Module) -> list[TLoraModule]:
 
     Only called to explain an error, so a scan of live objects is affordable.
     """
+    from lycoris.modules.tlora import TLoraModule
+
     layers = {id(layer) for layer in unwrap(denoiser).modules()}
     return [
         obj
         for obj in gc.get_objects()
         if issubclass(type(obj), TLoraModule) and obj.org_module and id(obj.org_module[0]) in layers
     ]
+
+
+def unrunnable_conv(name: str, layer: nn.Module) -> str | None:
+    """Why LyCORIS's T-LoRA forward cannot run on `layer` (a conv larger than 1x1, or grouped), or None.
+
+    Its masked delta is built with a 1x1 kernel, so any other conv fails inside LyCORIS at the first call.
+    """
+    if not isinstance(layer, nn.modules.conv._ConvNd):
+        return None
+    if all(size == 1 for size in layer.kernel_size) and layer.groups == 1:
+        return None
+    return (
+        f"{name} wraps a {layer.kernel_size} conv (groups={layer.groups}); LyCORIS's T-LoRA forward only runs on "
+        "1x1 convs without groups (its masked delta has a 1x1 kernel)"
+    )
 
 
 def no_modules_error(where: str, seen: list[str], detached: int) -> TLoRAError:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
-from lycoris.modules.tlora import clear_timestep_mask
 from torch import nn
 
 from .call_rank import CallRank
+from .errors import TLoRAError
 from .modes import MaskMode
 from .thread_guard import ThreadGuard
 
@@ -55,12 +55,15 @@ class DenoiserHook:
         self.mode = mode
         self.denoiser_ref = weakref.ref(denoiser)
         self.guard = ThreadGuard(name)
+        self.in_block = False  # owned by an open `with` block, which only its exit may end
         self._handles = [
             denoiser.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
             denoiser.register_forward_hook(self.post_forward, with_kwargs=True, always_call=True),
         ]
         # A mask left set by an interrupted call must not outlive the denoiser in LyCORIS's global storage
         # (the finalizer holds the group number only, so the modules are freed with the denoiser).
+        from lycoris.modules.tlora import clear_timestep_mask
+
         self._finalizer = weakref.finalize(denoiser, clear_timestep_mask, mode.group_id)
         setattr(denoiser, STATE_ATTRIBUTE, self)
 
@@ -113,9 +116,11 @@ def _parameter_device(module: nn.Module) -> torch.device:
 class TLoRAHandle:
     """What `enable_tlora` (and `load_tlora`) returns: a view of the hooks it installed, and the way to undo them.
 
-    Usable as a context manager (`with enable_tlora(pipe) as handle:`), which removes the hooks on exit. It holds
-    the hooks weakly, so a handle that is kept does not keep a removed or replaced denoiser's hooks alive; a denoiser
-    whose hooks a later `enable_tlora` replaced drops out of it.
+    Usable as a context manager (`with enable_tlora(pipe) as handle:`), which removes the hooks on exit (and, for
+    `load_tlora`, unloads the file). While the block is open it owns those denoisers' hooks: enabling or loading on
+    them again raises TLoRAError rather than leave the rest of the block unmasked. It holds the hooks weakly, so a
+    handle that is kept does not keep a removed or replaced denoiser's hooks alive; a denoiser whose hooks a later
+    `enable_tlora` replaced drops out of it.
 
     Args:
         hooks: The installed hook of each denoiser, by component name.
@@ -123,6 +128,7 @@ class TLoRAHandle:
 
     def __init__(self, hooks: dict[str, DenoiserHook]) -> None:
         self._hooks = {name: weakref.ref(hook) for name, hook in hooks.items()}
+        self._exit_actions: list[Callable[[], None]] = []
 
     def _live(self) -> dict[str, DenoiserHook]:
         live = {name: ref() for name, ref in self._hooks.items()}
@@ -154,11 +160,19 @@ class TLoRAHandle:
         for hook in self._live().values():
             hook.remove()
 
+    def add_exit_action(self, action: Callable[[], None]) -> None:
+        """Run `action` after the hooks are removed at the end of a `with` block (`load_tlora`: unload the file)."""
+        self._exit_actions.append(action)
+
     def __enter__(self) -> "TLoRAHandle":
+        for hook in self._live().values():
+            hook.in_block = True
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.remove()
+        while self._exit_actions:
+            self._exit_actions.pop()()
 
     def __repr__(self) -> str:
         return f"TLoRAHandle(denoisers={self.denoisers}, mode={self.mode})"
@@ -167,3 +181,20 @@ class TLoRAHandle:
 def installed_hook(module: nn.Module) -> DenoiserHook | None:
     """The hook a previous `enable_tlora` left on this module, if any."""
     return module.__dict__.get(STATE_ATTRIBUTE)
+
+
+def refuse_inside_open_block(denoisers: Iterable[nn.Module], verb: str) -> None:
+    """Nested `with` blocks on one denoiser are an error, not a stack: raise if an open block owns its hooks.
+
+    A stack would have to rebuild the outer block's mode (the fold's copy of the weights) at every inner exit, and
+    could not bring back what an inner `load_tlora` replaced; without either, the rest of the outer block would run
+    unmasked in silence.
+    """
+    for denoiser in denoisers:
+        hook = installed_hook(denoiser)
+        if hook is not None and hook.active and hook.in_block:
+            raise TLoRAError(
+                f"{verb} on {hook.name}, whose T-LoRA hooks belong to an open `with enable_tlora(...)` / "
+                f"`with load_tlora(...)` block: replacing them would leave the rest of that block unmasked. Call it "
+                "after the block, or end the block's hooks first with disable_tlora / unload_tlora."
+            )

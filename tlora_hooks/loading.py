@@ -8,37 +8,33 @@ forward is LyCORIS's and `enable_tlora` finds them. The modules are built withou
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from lycoris import LycorisNetwork
-from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
 from .api import enable_tlora
 from .base_cache import CacheArgument, cache_folder, check_cache_argument, fill_base_terms
 from .conventions import plan_timestep_reading
-from .discovery import applied_tlora_modules, components_of, is_pipeline
+from .discovery import applied_tlora_modules, components_of, is_pipeline, peft_base_layer
 from .errors import TLoRAError
 from .formats import ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
-from .hooks import TLoRAHandle, installed_hook
-from .logging_utils import get_logger
+from .hooks import TLoRAHandle, installed_hook, refuse_inside_open_block
+from .logging import get_logger
 from .matching import Match, match_file
 from .modes import check_mode
 from .schedule import RankSchedule
 
+if TYPE_CHECKING:
+    from lycoris import LycorisNetwork
+
+    from .tlora_module import TLoraModuleWithoutSvd
+
 logger = get_logger(__name__)
 
 LOAD_RECORD_ATTRIBUTE = "_tlora_hooks_loaded"
-
-
-class TLoraModuleWithoutSvd(TLoraModule):
-    """LyCORIS's TLoraModule, with its forward and mask API, built without its per-module SVD (and `gc.collect()`):
-    `load_tlora` fills it from the file or the batched rebuild."""
-
-    def _initialize_from_svd(self, org_module: nn.Module, in_dim: int, out_dim: int, flat_in_dim: int) -> None:
-        """Keep the freshly allocated tensors; the file (or the batched rebuild) provides every value."""
 
 
 @dataclass
@@ -86,8 +82,9 @@ def load_tlora(
 ) -> TLoRAHandle:
     """Load a T-LoRA file onto a pipeline (or a bare denoiser) and mask it by timestep on every denoiser call.
 
-    The file becomes LyCORIS T-LoRA modules applied (never merged) to the matching layers, then `enable_tlora` hooks
-    the denoiser. Loading again replaces what was loaded on that denoiser; a failed call changes nothing.
+    The file becomes LyCORIS T-LoRA modules applied (never merged) to the matching layers (on PEFT's base layer where
+    a PEFT LoRA wraps one), then `enable_tlora` hooks the denoiser. Loading again replaces what was loaded on that
+    denoiser; a failed call changes nothing. `with load_tlora(...):` unloads at the end of the block.
 
     Args:
         target: A Diffusers pipeline, or a bare denoiser `nn.Module`.
@@ -126,6 +123,7 @@ def load_tlora(
             tlora_file.path, len(tlora_file.unused_keys), tlora_file.unused_keys[0],
         )
     _refuse_foreign_modules(match)
+    refuse_inside_open_block([match.denoiser], "load_tlora")
     pipeline = target if is_pipeline(target) else None
     if timestep_fn is None:
         plan_timestep_reading(match.component, match.denoiser, pipeline)  # an unknown class fails before the work
@@ -164,17 +162,27 @@ def unload_tlora(target: Any) -> None:
 
 
 def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: float | None) -> RankSchedule:
-    """Explicit arguments, else the file's metadata, else the defaults (1, 1.0), warning that the file was silent."""
+    """Explicit arguments, else the file's metadata, else the defaults (1, 1.0), warning that the file was silent.
+
+    A value the metadata records but in an unusable form is an error unless an argument overrides it: falling back
+    to a default would run another schedule than the one trained.
+    """
     settings = tlora_file.settings
     chosen = {}
     silent = []
     for label, passed, recorded, default in (
         ("min_rank", min_rank, settings.min_rank, 1), ("alpha", alpha, settings.alpha, 1.0),
     ):
+        problem = settings.invalid.get(label)
         if passed is not None:
-            if recorded is not None and recorded != passed:
-                logger.info("%s=%s overrides the file's %s", label, passed, recorded)
+            if problem is not None or (recorded is not None and recorded != passed):
+                logger.info("%s=%s overrides the file's %s", label, passed, problem or recorded)
             chosen[label] = passed
+        elif problem is not None:
+            raise TLoRAError(
+                f"{tlora_file.path}: {problem}. Pass {label}= with the value it was trained with "
+                f"(tlora_{label}), which overrides the metadata."
+            )
         elif recorded is not None:
             chosen[label] = recorded
         else:
@@ -185,7 +193,9 @@ def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: flo
             "%s does not record %s; pass min_rank= and alpha= with the values it was trained with "
             "(`tlora-hooks convert` can store them in the file).", tlora_file.path, " or ".join(silent),
         )
-    if settings.linear_dim is not None and settings.linear_dim != rank:
+    if "linear_dim" in settings.invalid:
+        logger.warning("%s: %s; the tensors' rank %d is used.", tlora_file.path, settings.invalid["linear_dim"], rank)
+    elif settings.linear_dim is not None and settings.linear_dim != rank:
         logger.warning("%s: metadata says linear_dim=%s but the tensors have rank %d; using %d.",
                        tlora_file.path, settings.linear_dim, rank, rank)
     return RankSchedule(max_rank=rank, min_rank=chosen["min_rank"], alpha=chosen["alpha"])
@@ -224,6 +234,8 @@ def _build_on_pristine_weights(
 def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float, cache: str | None) -> LycorisNetwork:
     """LyCORIS modules for the matched layers, filled from the file, on each layer's device, in fp32 like LyCORIS's.
     Base terms the file lacks are rebuilt, or read from the cache folder `cache`."""
+    from lycoris import LycorisNetwork
+
     network = LycorisNetwork(match.denoiser, init_only=True)
     network.multiplier = multiplier
     to_rebuild = []
@@ -240,7 +252,15 @@ def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float, cache
 
 
 def _allocate(key: str, layer: nn.Module, weights: ModuleWeights, multiplier: float) -> TLoraModuleWithoutSvd:
-    """Built on the meta device, then given uninitialised memory: nothing is computed that the file overwrites."""
+    """Built on the meta device, then given uninitialised memory: nothing is computed that the file overwrites.
+
+    On a layer a PEFT LoRA wraps, the module goes on PEFT's base layer, where LyCORIS puts it. It is built from the
+    base layer itself: given the PEFT layer, LyCORIS would keep it as a child module (`peft_wrapper`), and
+    `to_empty` would then wipe the PEFT LoRA's and the base layer's weights.
+    """
+    from .tlora_module import TLoraModuleWithoutSvd
+
+    layer = peft_base_layer(layer) or layer
     with torch.device("meta"):
         module = TLoraModuleWithoutSvd(key, layer, multiplier=multiplier, lora_dim=weights.rank, alpha=weights.alpha)
     return module.to_empty(device=layer.weight.device)
@@ -275,7 +295,21 @@ def _swap_in(target: Any, match: Match, record: LoadRecord) -> TLoRAHandle:
             denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = previous
         raise
     denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = record
+    handle.add_exit_action(_unloader(denoiser, record))
     return handle
+
+
+def _unloader(denoiser: nn.Module, record: LoadRecord) -> Callable[[], None]:
+    """What ends `with load_tlora(...)`: unload the file, unless something replaced or unloaded it since. Left
+    applied without its hooks, the modules would run every rank at every step."""
+    denoiser_ref = weakref.ref(denoiser)
+
+    def unload() -> None:
+        denoiser = denoiser_ref()
+        if denoiser is not None and denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE) is record:
+            _remove(denoiser, record)
+
+    return unload
 
 
 def _enable(target: Any, component: str, record: LoadRecord) -> TLoRAHandle:

@@ -7,11 +7,11 @@ from typing import Any
 
 from torch import nn
 
-from .discovery import DENOISER_SCHEDULERS, components_of, is_pipeline, unwrap
+from .discovery import DENOISER_SCHEDULERS, components_of, is_pipeline, peft_base_layer, unrunnable_conv, unwrap
 from .errors import TLoRAError
 from .formats import TLoraFile
 from .formats.lycoris import lycoris_name
-from .logging_utils import get_logger
+from .logging import get_logger
 
 logger = get_logger(__name__)
 
@@ -93,9 +93,20 @@ def match_file(target: Any, tlora_file: TLoraFile, component: str | None, strict
     return Match(component=name, denoiser=denoiser, layers=matched, unmatched=unmatched)
 
 
-def _check_layer(tlora_file: TLoraFile, key: str, layer: nn.Module) -> None:
-    """The module fits the layer it names, and LyCORIS's T-LoRA forward can run on it."""
+def _check_layer(tlora_file: TLoraFile, key: str, named: nn.Module) -> None:
+    """The module fits the layer it names, and LyCORIS's T-LoRA forward can run on it.
+
+    Where a PEFT LoRA already wraps the layer, the T-LoRA goes on PEFT's base layer, as LyCORIS's own
+    `create_lycoris_from_weights` puts it: PEFT's forward calls the base layer, so both adapters apply.
+    """
     module = tlora_file.modules[key]
+    layer = peft_base_layer(named) or named
+    if layer is not named and module.base is None and getattr(named, "merged", False):
+        raise TLoRAError(
+            f"{key}: a PEFT LoRA is fused into this layer, and the T-LoRA's base terms would be rebuilt from the "
+            "fused weights (not the ones it was trained on). Call pipe.unfuse_lora() before load_tlora, and "
+            "pipe.fuse_lora() again after it if you want the PEFT LoRA fused."
+        )
     if not isinstance(layer, SUPPORTED_LAYERS):
         raise TLoRAError(f"{key} names a {type(layer).__name__}; LyCORIS T-LoRA wraps Linear and Conv layers only.")
     if layer.weight.device.type == "meta":
@@ -103,12 +114,10 @@ def _check_layer(tlora_file: TLoraFile, key: str, layer: nn.Module) -> None:
             f"The weights of {key} are not loaded (meta device: sequential offload?). "
             "Load the T-LoRA before enabling offloading."
         )
+    problem = unrunnable_conv(key, layer)
+    if problem is not None:
+        raise TLoRAError(f"{problem}, so this file cannot be used as is.")
     is_conv = isinstance(layer, nn.modules.conv._ConvNd)
-    if is_conv and (any(size != 1 for size in layer.kernel_size) or layer.groups != 1):
-        raise TLoRAError(
-            f"{key} wraps a {layer.kernel_size} conv (groups={layer.groups}); LyCORIS's T-LoRA forward only runs on "
-            "1x1 convs without groups (its masked delta has a 1x1 kernel), so this file cannot be used as is."
-        )
     expected = (layer.out_channels, layer.in_channels) if is_conv else (layer.out_features, layer.in_features)
     found = (module.out_features, module.in_features)
     if expected != found or (module.q.ndim > 2) != is_conv:

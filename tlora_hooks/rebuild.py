@@ -12,13 +12,15 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
-from lycoris.modules.tlora import TLoraModule
 from tqdm.auto import tqdm
 
-from .logging_utils import get_logger
+from .logging import get_logger
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 logger = get_logger(__name__)
 

@@ -3,17 +3,19 @@
 r(t) = floor(((T - t) / T) ** alpha * (R - Rmin)) + Rmin, clamped to [Rmin, R].
 
 Pure functions, no module state. The per-timestep table is what the hooks index on the
-device, so no host-device synchronisation is needed to pick a rank.
+device, so no host-device synchronisation is needed to pick a rank. Only `masks_by_rank` needs torch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import TLoRAError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,10 @@ def rank_for_timestep(
 
 
 def masks_by_rank(
-    max_rank: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    max_rank: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """(max_rank + 1, max_rank) table whose row r keeps the first r ranks."""
+    """(max_rank + 1, max_rank) table (float32 unless `dtype` says) whose row r keeps the first r ranks."""
+    import torch  # here, so the `schedule` command and the rank formula start without it
+
     ranks = torch.arange(max_rank + 1, device=device).unsqueeze(1)
-    return (torch.arange(max_rank, device=device).unsqueeze(0) < ranks).to(dtype)
+    return (torch.arange(max_rank, device=device).unsqueeze(0) < ranks).to(dtype or torch.float32)

@@ -6,15 +6,20 @@ import argparse
 import os
 
 from ..errors import TLoRAError
-from ..formats import check_one_rank, lycoris, read_tlora_file
 from ..schedule import RankSchedule
 
 
 def _run(args: argparse.Namespace) -> None:
+    from ..formats import check_one_rank, lycoris, read_tlora_file
+
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise TLoRAError("convert writes a new file; give an output path other than the input.")
     tlora_file = read_tlora_file(args.input)
     rank = check_one_rank(tlora_file)
+    invalid = tlora_file.settings.invalid
+    for label, option in (("min_rank", args.min_rank), ("alpha", args.alpha)):
+        if option is None and label in invalid:
+            raise TLoRAError(f"{tlora_file.path}: {invalid[label]}. Pass --{label.replace('_', '-')} to override it.")
     min_rank = args.min_rank if args.min_rank is not None else tlora_file.settings.min_rank
     if min_rank is None:
         raise TLoRAError(

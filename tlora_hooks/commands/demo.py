@@ -10,10 +10,11 @@ import argparse
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from unittest import mock
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ def build_demo_pipeline(config: DemoConfig):
     Returns:
         The pipeline and the applied LyCORIS network.
     """
+    import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from lycoris import LycorisNetwork, create_lycoris
 
@@ -76,6 +78,8 @@ def demo_inputs(config: DemoConfig) -> dict[str, Any]:
     Args:
         config (`DemoConfig`): the steps, seed and latent size to use.
     """
+    import torch
+
     generator = torch.Generator().manual_seed(config.seed + 1)
     return dict(
         prompt_embeds=torch.randn(1, 77, 64, generator=generator),

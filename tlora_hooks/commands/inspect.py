@@ -7,11 +7,18 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..formats import TLoraFile, read_tlora_file
+if TYPE_CHECKING:
+    from ..formats import TLoraFile
 
 DIGITS = re.compile(r"\d+")
+# TLoraFile.base_source -> what `inspect` says.
+BASE_TERMS = {
+    "saved": "saved in the file",
+    "rebuilt": "rebuilt from the model's weights at load",
+    "none": "none: the format has no base term (lambda = 1, a LoRA up(down(x) * mask))",
+}
 
 
 @dataclass(frozen=True)
@@ -91,13 +98,12 @@ def summarise(tlora_file: TLoraFile) -> dict[str, Any]:
         "ranks": tlora_file.ranks,
         "scales": tlora_file.scales,
         "lora_alphas": sorted({m.alpha for m in tlora_file.modules.values()}),
-        "base_terms": {"saved": "saved in the file", "rebuilt": "rebuilt from the model's weights at load"}.get(
-            tlora_file.base_source, tlora_file.base_source
-        ),
+        "base_terms": BASE_TERMS.get(tlora_file.base_source, tlora_file.base_source),
         "min_rank": settings.min_rank,
         "alpha": settings.alpha,
         "linear_dim": settings.linear_dim,
         "preset": settings.preset,
+        "invalid_metadata": settings.invalid,
         "name_patterns": name_patterns(list(tlora_file.modules)),
         "family": likely_family(tlora_file),
         "unused_keys": len(tlora_file.unused_keys),
@@ -106,11 +112,12 @@ def summarise(tlora_file: TLoraFile) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from ..formats import read_tlora_file
+
     summary = summarise(read_tlora_file(args.file))
     if args.json:
         print(json.dumps(summary))
         return
-    recorded = lambda value: "not recorded" if value is None else value  # noqa: E731
     print(f"file:          {summary['file']}")
     print(f"format:        {summary['format']}")
     print(f"modules:       {summary['modules']}" + _skipped(summary))
@@ -118,12 +125,18 @@ def _run(args: argparse.Namespace) -> None:
     alphas = ", ".join(map(str, summary["lora_alphas"]))
     print(f"scale:         {', '.join(map(str, summary['scales']))} (LoRA alpha {alphas} / rank)")
     print(f"base terms:    {summary['base_terms']}")
-    print(f"min_rank:      {recorded(summary['min_rank'])} (tlora_min_rank)")
-    print(f"alpha:         {recorded(summary['alpha'])} (tlora_alpha, the schedule exponent)")
+    print(f"min_rank:      {_setting(summary, 'min_rank')} (tlora_min_rank)")
+    print(f"alpha:         {_setting(summary, 'alpha')} (tlora_alpha, the schedule exponent)")
     print(f"model family:  {summary['family']}")
     print("module names:")
     for pattern, count in summary["name_patterns"]:
         print(f"  {count:5d}  {pattern}")
+
+
+def _setting(summary: dict, name: str) -> Any:
+    if name in summary["invalid_metadata"]:
+        return f"invalid: {summary['invalid_metadata'][name]}"
+    return "not recorded" if summary[name] is None else summary[name]
 
 
 def _skipped(summary: dict) -> str:

@@ -111,7 +111,7 @@ def format_table(rows: list[ScheduleRow], schedule: RankSchedule, header: str) -
         bar = "#" * round(BAR_WIDTH * row.rank / schedule.max_rank)
         step = f"{row.step:>4}  " if per_step else ""
         timestep = f"{row.timestep:>8.2f}" if per_step else f"{row.timestep:>8.0f}"
-        lines.append(f"{step}{timestep}  {row.rank:>4}  {bar}")
+        lines.append(f"{step}{timestep}  {row.rank:>4}  {bar}".rstrip())
     return "\n".join(lines)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from ..errors import TLoRAError
 from . import controlgenai, lycoris
 from .containers import read_tensors, resolve_path
@@ -28,6 +30,7 @@ def read_tlora_file(path: str | os.PathLike) -> TLoraFile:
     tlora_file = reader.read(path, tensors, metadata)
     if not tlora_file.modules:
         raise TLoRAError(f"{path} has T-LoRA-like keys but no complete module (first keys: {keys[:3]}).")
+    _check_values(tlora_file, tensors)
     for name, module in tlora_file.modules.items():
         _check_shapes(name, module)
     return tlora_file
@@ -46,6 +49,26 @@ def check_one_rank(tlora_file: TLoraFile) -> int:
             "(mixed files or a conv_dim different from linear_dim are not supported)."
         )
     return ranks[0]
+
+
+def _check_values(tlora_file: TLoraFile, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor the modules use is floating point and finite, or the pipeline would produce NaN or a rounded
+    adapter in silence. One reduction per tensor and one host read for the whole file; the first bad key is named."""
+    skipped = set(tlora_file.unknown_keys) | set(tlora_file.unused_keys)
+    used = [(key, tensor) for key, tensor in tensors.items() if key not in skipped]
+    for key, tensor in used:
+        if not tensor.is_floating_point():
+            raise TLoRAError(
+                f"{tlora_file.path}: {key} holds {tensor.dtype} values; T-LoRA weights are floating point. "
+                "The file is damaged or not a T-LoRA."
+            )
+    finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in used])
+    if not finite.all():
+        key = used[int(finite.logical_not().nonzero()[0])][0]
+        raise TLoRAError(
+            f"{tlora_file.path}: {key} holds NaN or infinite values, which would make every output NaN. "
+            "The training run diverged or the file is damaged; use an earlier checkpoint."
+        )
 
 
 def _check_shapes(name: str, module: ModuleWeights) -> None:

@@ -97,5 +97,5 @@ def _module(variant: str, params: dict[str, torch.Tensor], source_key: str) -> M
     else:
         q, p = params[VANILLA["down"]], params[VANILLA["up"]]
         lam = torch.ones(1, q.shape[0], dtype=q.dtype)
-        base = BaseTerms(torch.zeros_like(q), torch.zeros_like(p), torch.zeros_like(lam))
+        base = BaseTerms(torch.zeros_like(q), torch.zeros_like(p), torch.zeros_like(lam), zero=True)
     return ModuleWeights(q=q, p=p, lam=lam, alpha=float(q.shape[0]), base=base, source_key=source_key)

@@ -9,13 +9,14 @@ SimpleTuner records the training config as safetensors metadata `{"lycoris_confi
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from ..errors import TLoRAError
-from ..logging_utils import get_logger
+from ..logging import get_logger
 from .state import BaseTerms, ModuleWeights, TLoraFile, TrainingSettings
 
 logger = get_logger(__name__)
@@ -71,6 +72,11 @@ def _module(name: str, params: dict[str, torch.Tensor]) -> ModuleWeights:
         raise TLoRAError(f"T-LoRA module {name} has no {', '.join(missing)} in the file; the file is incomplete.")
     q, p, lam = params[WEIGHT_KEYS["q"]], params[WEIGHT_KEYS["p"]], params[WEIGHT_KEYS["lam"]]
     alpha = params.get(WEIGHT_KEYS["alpha"])
+    if alpha is not None and alpha.numel() != 1:
+        raise TLoRAError(
+            f"{name}.{WEIGHT_KEYS['alpha']} holds {alpha.numel()} values; LyCORIS saves one (the LoRA alpha). "
+            "The file is damaged or not a T-LoRA."
+        )
     base = None
     if all(BASE_KEYS[k] in params for k in BASE_KEYS):
         base = BaseTerms(params[BASE_KEYS["q"]], params[BASE_KEYS["p"]], params[BASE_KEYS["lam"]])
@@ -80,40 +86,72 @@ def _module(name: str, params: dict[str, torch.Tensor]) -> ModuleWeights:
 
 
 def settings_from_metadata(metadata: dict[str, str]) -> TrainingSettings:
-    """The training settings SimpleTuner's `lycoris_config` metadata records; None for each it does not."""
+    """The training settings SimpleTuner's `lycoris_config` metadata records; None for each it does not.
+
+    A value that is recorded but unusable (unreadable JSON, a wrong type or range) is None with its problem in
+    `invalid`, so `load_tlora` can refuse it unless an argument overrides it, rather than fall back to a default.
+    """
     raw = metadata.get(CONFIG_KEY)
     if raw is None:
         return TrainingSettings()
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as error:
-        logger.warning("Ignoring the file's `%s` metadata: it is not JSON (%s).", CONFIG_KEY, error)
-        return TrainingSettings()
+        problem = f"its `{CONFIG_KEY}` metadata is not valid JSON ({error})"
+        return TrainingSettings(invalid={name: problem for name in SETTINGS.values()})
     if not isinstance(config, dict):
-        logger.warning("Ignoring the file's `%s` metadata: it is not a JSON object.", CONFIG_KEY)
-        return TrainingSettings()
-    return TrainingSettings(
-        linear_dim=_number(config, "linear_dim", int),
-        linear_alpha=_number(config, "linear_alpha", float),
-        min_rank=_number(config, "tlora_min_rank", int),
-        alpha=_number(config, "tlora_alpha", float),
-        preset=config.get("apply_preset"),
-    )
+        problem = f"its `{CONFIG_KEY}` metadata is a JSON {type(config).__name__}, not an object"
+        return TrainingSettings(invalid={name: problem for name in SETTINGS.values()})
+    values, invalid = {}, {}
+    for key, name in SETTINGS.items():
+        if config.get(key) is None:
+            continue
+        value, expected = SETTING_PARSERS[name](config[key])
+        if value is None:
+            invalid[name] = f"its `{CONFIG_KEY}` metadata has `{key}` = {config[key]!r}, not {expected}"
+        else:
+            values[name] = value
+    return TrainingSettings(**values, preset=config.get("apply_preset"), invalid=invalid)
 
 
-def _number(config: dict, key: str, kind: type) -> Any:
-    value = config.get(key)
-    if value is None:
+def _whole_number(value: Any, minimum: int) -> tuple[int | None, str]:
+    """An integer >= minimum, as JSON or a string writes it (2, 2.0, "2"); None for anything else (2.5, true)."""
+    expected = f"an integer >= {minimum}"
+    number = _plain_number(value)
+    if number is None or not float(number).is_integer() or number < minimum:
+        return None, expected
+    return int(number), expected
+
+
+def _finite_number(value: Any, above_zero: bool) -> tuple[float | None, str]:
+    """A finite number > 0 (or >= 0), as JSON or a string writes it; None for anything else ("abc", true)."""
+    expected = f"a finite number {'>' if above_zero else '>='} 0"
+    number = _plain_number(value)
+    if number is None or not math.isfinite(number) or number < 0 or (above_zero and number == 0):
+        return None, expected
+    return float(number), expected
+
+
+def _plain_number(value: Any) -> float | int | None:
+    if isinstance(value, bool):
         return None
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        logger.warning("Ignoring `%s` = %r in the file's metadata: not a number.", key, value)
-        return None
-    if kind is int and number != float(value):
-        logger.warning("Ignoring `%s` = %r in the file's metadata: not an integer.", key, value)
-        return None
-    return number
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, (int, float)) else None
+
+
+# lycoris_config key -> TrainingSettings field, and how each is read.
+SETTINGS = {"linear_dim": "linear_dim", "linear_alpha": "linear_alpha", "tlora_min_rank": "min_rank",
+            "tlora_alpha": "alpha"}
+SETTING_PARSERS = {
+    "linear_dim": lambda value: _whole_number(value, 1),
+    "linear_alpha": lambda value: _finite_number(value, above_zero=False),
+    "min_rank": lambda value: _whole_number(value, 0),
+    "alpha": lambda value: _finite_number(value, above_zero=True),
+}
 
 
 def write(tlora_file: TLoraFile, path: str, min_rank: int, alpha: float) -> None:

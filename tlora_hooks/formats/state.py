@@ -15,6 +15,8 @@ class BaseTerms:
     q: torch.Tensor
     p: torch.Tensor
     lam: torch.Tensor
+    # True where the format has no base term (official Vanilla/FLUX layers, a LoRA under the mask): all zeros.
+    zero: bool = False
 
 
 @dataclass
@@ -47,13 +49,15 @@ class ModuleWeights:
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """What the file says about how it was trained; None where it is silent."""
+    """What the file says about how it was trained; None where it is silent or its value cannot be used."""
 
     linear_dim: int | None = None
     linear_alpha: float | None = None
     min_rank: int | None = None
     alpha: float | None = None
     preset: Any = None
+    # Settings the metadata records but in a form that cannot be used: field name -> what is wrong, naming the key.
+    invalid: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,9 +80,13 @@ class TLoraFile:
 
     @property
     def base_source(self) -> str:
-        """Where the base terms come from: saved in the file, or rebuilt from the model's weights."""
-        saved = {module.base is not None for module in self.modules.values()}
-        return {frozenset({True}): "saved", frozenset({False}): "rebuilt"}.get(frozenset(saved), "mixed")
+        """Where the base terms come from: "saved" in the file, "rebuilt" from the model's weights, "none" (the
+        format has none), or "mixed"."""
+        kinds = {
+            "rebuilt" if module.base is None else "none" if module.base.zero else "saved"
+            for module in self.modules.values()
+        }
+        return kinds.pop() if len(kinds) == 1 else "mixed"
 
     @property
     def scales(self) -> list[float]:

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
-from lycoris.modules.tlora import TLoraModule
 
-from ..logging_utils import get_logger
+from ..logging import get_logger
 from .factors import base_layer
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 logger = get_logger(__name__)
 

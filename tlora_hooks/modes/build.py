@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from lycoris.modules.tlora import TLoraModule
+from typing import TYPE_CHECKING
+
 from torch import nn
 
+from ..discovery import peft_wrapped_layers
 from ..errors import TLoRAError
 from .auto import resolve_auto
 from .chain import ChainLink
@@ -15,11 +17,16 @@ from .low_memory import LowMemoryMode
 from .lycoris import LycorisMode
 from .protocol import MaskMode, ModeFactory
 
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
+
 
 def split(modules: list[TLoraModule], denoiser: nn.Module | None) -> tuple[list, list, list]:
     """(foldable, other fast-mode modules, modules left to LyCORIS's forward)."""
     offloaded = denoiser is not None and any(has_offload_hook(m) for m in denoiser.modules())
-    seen: set[int] = set()  # a layer (or a weight tied between layers) is folded once; other modules on it bypass
+    # A layer (or a weight tied between layers) is folded once; other modules on it bypass. A layer a PEFT LoRA
+    # wraps is never folded: fusing that LoRA writes its weight through `.data`, which the fold cannot see.
+    seen: set[int] = set(peft_wrapped_layers(denoiser)) if denoiser is not None else set()
     fold, bypass, rest = [], [], []
     for module in modules:
         layer = base_layer(module)
@@ -56,7 +63,7 @@ def _low_memory(modules, group_id, denoiser=None) -> MaskMode:
 
 def _fold(modules, group_id, denoiser=None) -> MaskMode:
     fold, bypass, rest = split(modules, denoiser)
-    parts = [FoldMode(fold, group_id)] if fold else []
+    parts = [FoldMode(fold, group_id, denoiser)] if fold else []
     if bypass:
         parts.append(LowMemoryMode(bypass, group_id))
     return CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id)

@@ -7,12 +7,13 @@ the previous one through `org_forward`. The fast modes must stop LyCORIS from al
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from lycoris.modules.tlora import TLoraModule
-
-from ..logging_utils import get_logger
+from ..logging import get_logger
 from .factors import base_layer
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 logger = get_logger(__name__)
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from lycoris.modules.tlora import TLoraModule
 from torch import nn
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 FLOAT_WEIGHTS = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -6,24 +6,46 @@ per stack refolds them all, a fixed number of kernels per call whatever the numb
 Python per module and no host sync. The extra memory is one copy W0 of the folded weights plus the factors.
 `remove()` writes W0 back: the weights come back bit-identical, each in its own storage. On CUDA with bf16/fp16
 weights a fused Triton kernel (`fold_kernel`) reads W0 and writes W once, where it times faster than `baddbmm`.
+
+Between calls the weights hold W0 + the last call's delta, so what others write into them must be noticed
+(`weight_watch.py`) before the next call overwrites it: `state_dict()` gives W0, `load_state_dict` writes onto W0
+and becomes the new W0, `pipe.to` is followed, a PEFT LoRA that wraps a folded layer moves it to the low-memory
+path (a fused PEFT delta stays in its weight), and any other write to a folded weight is a TLoRAError.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
+from typing import TYPE_CHECKING, Callable
 
 import torch
-from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
+from ..discovery import peft_wrapped_layers
 from ..errors import TLoRAError
-from ..logging_utils import get_logger
+from ..logging import get_logger
 from . import fold_kernel
 from .chain import ChainLink
-from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
+from .factors import base_layer, delta_factors, doubled_mask
+from .low_memory import LowMemoryMode
 from .stacked import StackedMode
+from .weight_watch import WeightWatch, plain_float, storage_pointer, weight_of
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 logger = get_logger(__name__)
+
+
+def keeps_weight_copies(denoiser: nn.Module | None) -> bool:
+    """Whether diffusers group offloading on `denoiser` keeps copies of the weights (CUDA streams: pinned copies;
+    a disk path: a file), which its layers load instead of the weights themselves."""
+    hooks = getattr(getattr(denoiser, "_diffusers_hook", None), "hooks", {})
+    if "lazy_prefetch_group_offloading" in hooks:  # applied with streams
+        return True
+    group = getattr(hooks.get("group_offloading"), "group", None)
+    return getattr(group, "stream", None) is not None or getattr(group, "offload_to_disk_path", None) is not None
 
 
 class FoldStack:
@@ -38,6 +60,7 @@ class FoldStack:
         self.weights: torch.Tensor | None = None
         with torch.no_grad(), torch.inference_mode(False):
             self._adopt(torch.stack([layer.weight.detach() for layer in self.layers]))
+        self._state_hooks = [handle for index in range(len(self.layers)) for handle in self._watch_state(index)]
 
     def _adopt(self, stacked: torch.Tensor) -> None:
         """Point every layer's weight at a slice of `stacked` (a fresh stack of the unmodified weights); keep W0.
@@ -60,7 +83,9 @@ class FoldStack:
         )
         # The mask last folded, for the fused kernel to skip an unchanged one; NaN: nothing folded yet.
         self.previous_mask = torch.full((self.b.shape[-1],), float("nan"), device=stacked.device, dtype=stacked.dtype)
-        self._pointers = (stacked[0].data_ptr(), stacked[-1].data_ptr())
+        # The doubled mask whose delta the weights hold now; None: they hold W0.
+        self.folded_mask: torch.Tensor | None = None
+        self.watch = WeightWatch(self.layers)
 
     @property
     def device(self) -> torch.device:
@@ -84,32 +109,152 @@ class FoldStack:
             torch.baddbmm(self.base, self.b * doubled_mask, self.a, out=self.weights)
         else:
             torch.baddbmm(self.base, self.b, self.a * doubled_mask[:, None], out=self.weights)
+        self.folded_mask = doubled_mask
 
-    def follow_moved_weights(self) -> None:
-        """`pipe.to(...)` after enabling gives the layers new tensors: move W0 and the factors after them."""
-        first, last = self.layers[0].weight, self.layers[-1].weight
-        if (first.data_ptr(), last.data_ptr()) == self._pointers:
+    def unfold(self) -> None:
+        """Put W0 back into the weights (they are read or written from outside); the next call folds again."""
+        if self.folded_mask is None:
             return
-        if first.device.type == "meta" or first.dtype not in FLOAT_WEIGHTS:
+        with torch.no_grad(), torch.inference_mode(False):
+            self.weights.copy_(self.base)
+            self.previous_mask.fill_(float("nan"))
+        self.folded_mask = None
+
+    # -- writes from outside ------------------------------------------------------------------------
+    def take_outside_writes(self, skip: frozenset[int] = frozenset()) -> None:
+        """Before folding over the weights: keep what others wrote into them since the last call, exactly, or
+        refuse it. Moved weights (`pipe.to`) are followed; writes onto W0 (after `unfold`) become the new W0.
+
+        Args:
+            skip: ids of layers whose writes the caller handles (PEFT's fused layers).
+        """
+        changed = [index for index in self.watch.changed() if id(self.layers[index]) not in skip]
+        if not changed:
+            return
+        relinked = [index for index in changed if self._moved_back(index)]
+        changed = [index for index in changed if index not in relinked]
+        if not changed:
+            self.watch.remember()
+            return
+        first = weight_of(self.layers[changed[0]])
+        if not plain_float(first):
+            held = "W0 plus the T-LoRA delta of the last call" if self.folded_mask is not None else "W0"
             raise TLoRAError(
                 f"The weights T-LoRA mode 'fold' rewrites were offloaded or quantized after enable_tlora "
-                f"({first.device}, {first.dtype}). Call enable_tlora again after setting up offloading or "
-                "quantization: mode='auto' then picks 'low_memory', which never touches the weights."
+                f"({type(first).__name__}, {getattr(first, 'device', None)}, {getattr(first, 'dtype', None)}) while "
+                f"they held {held}. Set up offloading or quantization first, from the base weights, then enable "
+                "T-LoRA: mode='auto' then picks 'low_memory', which never touches the weights."
             )
+        if (first.device, first.dtype) != (self.device, self.dtype):
+            self._follow_moved(first)
+            return
+        if self.folded_mask is not None:
+            names = [self.modules[index].lora_name for index in changed]
+            raise TLoRAError(
+                f"The weights of {len(names)} layers that T-LoRA mode 'fold' rewrites (e.g. {names[0]}) were written "
+                "while they held W0 plus the T-LoRA delta of the last call (an in-place edit, an optimizer step, a "
+                "new tensor), so the edit cannot be told apart from the delta, and the next call would overwrite it. "
+                "Nothing ran. Call disable_tlora(pipe) (it puts back the base weights as they were before the edit), "
+                "make the edit then, and enable T-LoRA again; or use mode='low_memory', which never writes the "
+                "weights. load_state_dict, state_dict, pipe.to and PEFT's fuse_lora need none of this."
+            )
+        with torch.no_grad(), torch.inference_mode(False):
+            for index in changed:
+                weight = weight_of(self.layers[index])
+                if weight.shape != self.weights[index].shape:
+                    raise TLoRAError(
+                        f"The weight of {self.modules[index].lora_name} was replaced by one of shape "
+                        f"{tuple(weight.shape)}; its T-LoRA was built for {tuple(self.weights[index].shape)}."
+                    )
+                if storage_pointer(weight) != self.weights[index].data_ptr():  # a new tensor: bring it into the stack
+                    self.weights[index].copy_(weight.detach())
+                    weight.data = self.weights[index]
+                self.base[index].copy_(self.weights[index])
+        self.watch.remember()
+        logger.info("T-LoRA fold: took the weights of %d layers written since the last call as their new W0.",
+                    len(changed))
+
+    def _moved_back(self, index: int) -> bool:
+        """The layer was given a new tensor holding exactly what its slice of the stack holds (accelerate's model
+        offload moves the module away and back between calls): point it at the stack again."""
+        weight = weight_of(self.layers[index])
+        target = self.weights[index]
+        if not plain_float(weight) or storage_pointer(weight) == target.data_ptr():
+            return False
+        if (weight.device, weight.dtype, weight.shape) != (target.device, target.dtype, target.shape):
+            return False
+        if not torch.equal(weight.detach(), target):
+            return False
+        weight.data = target
+        return True
+
+    def _follow_moved(self, first: torch.Tensor) -> None:
+        """`pipe.to(...)` after enabling gives the layers new tensors: move W0 and the factors after them."""
         logger.warning(
             "T-LoRA fold: the folded weights moved to %s/%s after enable_tlora; moving their originals after them. "
             "Enable T-LoRA after pipe.to(...) to avoid this copy.", first.device, first.dtype,
         )
-        with torch.inference_mode(False):
+        with torch.no_grad(), torch.inference_mode(False):
             self._adopt(self.base.to(first.device, first.dtype, copy=True))
 
+    def keep_fused_peft(self, wrappers: dict[int, nn.Module]) -> None:
+        """A PEFT LoRA fused into a folded layer added its delta through `.data`, which bumps no version counter:
+        keep it in W0 (W0 += what the weight holds - what the fold wrote), so unfusing later restores W0."""
+        with torch.no_grad(), torch.inference_mode(False):
+            for index, layer in enumerate(self.layers):
+                wrapper = wrappers.get(id(layer))
+                if wrapper is None or not getattr(wrapper, "merged", False):
+                    continue
+                current = layer.weight.detach().to(self.device, self.dtype)  # PEFT's safe merge assigns a new one
+                if self.folded_mask is None:
+                    self.base[index].copy_(current)
+                else:
+                    self.base[index].add_(current - self._folded(index))
+
+    def _folded(self, index: int) -> torch.Tensor:
+        """What the last fold wrote into one layer's weight."""
+        b, a = self.b[index], self.a[index]
+        mask = self.folded_mask
+        if self.mask_columns_of_b:
+            return torch.addmm(self.base[index], b * mask, a)
+        return torch.addmm(self.base[index], b, a * mask[:, None])
+
+    def _watch_state(self, index: int) -> list:
+        """`state_dict()` gives W0 (not W0 + the last call's delta: `save_pretrained` saves the base), and
+        `load_state_dict` writes onto W0, so what it loads becomes the new W0 exactly."""
+        layer = self.layers[index]
+
+        def give_base(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+            if self.watch.changed_at(index):
+                self.take_outside_writes()
+            key = prefix + "weight"
+            if isinstance(state_dict.get(key), nn.Parameter):
+                self.unfold()  # keep_vars=True hands out the Parameter itself
+            elif key in state_dict:
+                state_dict[key] = self.base[index]
+
+        def load_onto_base(*args) -> None:
+            self.take_outside_writes()
+            self.unfold()
+
+        return [
+            layer.register_state_dict_post_hook(give_base),
+            layer.register_load_state_dict_pre_hook(load_onto_base),
+        ]
+
     def restore(self) -> None:
-        """Give every layer its original weight back, bit for bit, in its own storage (peak: one extra stack)."""
-        for layer, original in zip(self.layers, self.base):
+        """Give every layer its original weight back, bit for bit, in its own storage (peak: one extra stack).
+
+        A weight since replaced by an offloaded or quantized one is left as it is: it cannot take W0 back.
+        """
+        for handle in self._state_hooks:
+            handle.remove()
+        layers = [(layer, original) for layer, original in zip(self.layers, self.base) if plain_float(layer.weight)]
+        for layer, original in layers:
             if layer.weight.device == original.device and layer.weight.dtype == original.dtype:
                 layer.weight.data = original  # drop the view of the folded stack first
         self.weights = None
-        for layer, original in zip(self.layers, self.base):
+        for layer, original in layers:
             weight = layer.weight
             weight.data = original.to(device=weight.device, dtype=weight.dtype, copy=True)
         self.base = self.a = self.b = None
@@ -118,15 +263,23 @@ class FoldStack:
 class FoldMode(StackedMode):
     """Folds the masked delta into the weights once per denoiser call; the layers then run at plain speed.
 
-    Extra memory: one copy of every folded weight, plus the stacked factors.
+    Extra memory: one copy of every folded weight, plus the stacked factors. Layers a PEFT LoRA wraps after
+    enabling leave the fold for the low-memory path at the next call (`evicted`), where fusing and unfusing that
+    LoRA write the layer's own weight.
     """
 
-    name = "fold"
-
-    def __init__(self, modules: list[TLoraModule], group_id: int) -> None:
+    def __init__(self, modules: list[TLoraModule], group_id: int, denoiser: nn.Module | None = None) -> None:
         self.group_id = group_id
         self.links: list[ChainLink] = []
         self.stacks: list[FoldStack] = []
+        self.evicted: LowMemoryMode | None = None
+        self.denoiser_ref: Callable[[], nn.Module | None] = (
+            weakref.ref(denoiser) if denoiser is not None else lambda: None
+        )
+        self.peft_adapters = self._peft_adapters()
+        self._fold(modules)
+
+    def _fold(self, modules: list[TLoraModule]) -> None:
         try:
             for module in modules:
                 link = ChainLink.unlink(module)
@@ -149,21 +302,83 @@ class FoldMode(StackedMode):
         )
 
     @property
+    def name(self) -> str:
+        return "fold+low_memory" if self.evicted is not None else "fold"
+
+    @property
     def mask_dtype(self) -> torch.dtype:
-        return self.stacks[0].dtype if self.stacks else torch.float32
+        if self.stacks:
+            return self.stacks[0].dtype
+        return self.evicted.mask_dtype if self.evicted is not None else torch.float32
+
+    @property
+    def extra_memory_bytes(self) -> int:
+        evicted = self.evicted.extra_memory_bytes if self.evicted is not None else 0
+        return super().extra_memory_bytes + evicted
 
     def set_mask(self, mask: torch.Tensor) -> None:
         doubled: dict[tuple, torch.Tensor] = {}
+        self._refuse_group_offloading()
         with torch.no_grad():
+            self._follow_peft()
             for stack in self.stacks:
-                stack.follow_moved_weights()
+                stack.take_outside_writes()
                 key = (stack.rank, stack.device, stack.dtype)
                 if key not in doubled:
                     doubled[key] = doubled_mask(mask, stack.rank).to(stack.device, stack.dtype)
                 stack.fold(doubled[key])
+        if self.evicted is not None:
+            self.evicted.set_mask(mask.to(self.evicted.mask_dtype))
 
     def clear_mask(self) -> None:
-        """Nothing to do: the next call refolds, and `remove()` restores W0."""
+        """Nothing to fold back: the next call refolds, and `remove()` restores W0."""
+        if self.evicted is not None:
+            self.evicted.clear_mask()
+
+    def _refuse_group_offloading(self) -> None:
+        """Group offloading applied after the fold with CUDA streams or a disk path keeps its own copies of the
+        weights, taken when it was applied, and its layers run on those, not on the fold's: an error, before
+        anything runs. (Without either it moves the weights themselves, which the fold follows.)"""
+        denoiser = self.denoiser_ref()
+        if not keeps_weight_copies(denoiser):
+            return
+        held = ("held W0 plus the T-LoRA delta of the last call" if any(s.folded_mask is not None for s in self.stacks)
+                else "held the base weights")
+        raise TLoRAError(
+            f"Group offloading with streams or a disk path was applied to {type(denoiser).__name__} after "
+            f"enable_tlora chose mode 'fold'; its copies of the weights {held} when it was applied. Apply group "
+            "offloading before enable_tlora / load_tlora (mode='auto' then runs 'low_memory', which never writes the "
+            "weights): call disable_tlora(pipe), reload or re-apply the offloading from the base weights, then enable "
+            "T-LoRA."
+        )
+
+    # -- PEFT LoRAs loaded after enabling -----------------------------------------------------------
+    def _peft_adapters(self) -> tuple[str, ...]:
+        """The PEFT adapters diffusers has loaded into the denoiser (`load_lora_weights`), by name."""
+        denoiser = self.denoiser_ref()
+        config = denoiser.__dict__.get("peft_config") if denoiser is not None else None
+        return tuple(config) if isinstance(config, dict) else ()
+
+    def _follow_peft(self) -> None:
+        """Once per change of the loaded PEFT adapters: folded layers PEFT now wraps go to the low-memory path."""
+        adapters = self._peft_adapters()
+        if adapters == self.peft_adapters:
+            return
+        self.peft_adapters = adapters
+        wrappers = peft_wrapped_layers(self.denoiser_ref())
+        leaving = [module for module in self.modules if id(base_layer(module)) in wrappers]
+        if not leaving:
+            return
+        for stack in self.stacks:
+            stack.take_outside_writes(skip=frozenset(wrappers))
+            stack.keep_fused_peft(wrappers)
+        staying = [module for module in self.modules if id(base_layer(module)) not in wrappers]
+        evicted = leaving + (self.evicted.modules if self.evicted is not None else [])
+        self.remove()
+        self._fold(staying)
+        self.evicted = LowMemoryMode(evicted, self.group_id)
+        logger.info("T-LoRA fold: a PEFT LoRA wraps %d folded layers; they now run beside their weights "
+                    "(low_memory), so fusing or unfusing it writes their own weights.", len(leaving))
 
     def remove(self) -> None:
         with torch.no_grad():
@@ -172,3 +387,6 @@ class FoldMode(StackedMode):
         for link in self.links:
             link.relink()
         self.stacks, self.links = [], []
+        if self.evicted is not None:
+            self.evicted.remove()
+            self.evicted = None

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ..logging_utils import get_logger
+from ..logging import get_logger
 
 logger = get_logger(__name__)
 

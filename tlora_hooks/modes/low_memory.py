@@ -12,15 +12,18 @@ Extra memory: the factors (2r·(in + out) values per module) plus the masked cop
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from lycoris.modules.tlora import TLoraModule
 
-from ..logging_utils import get_logger
+from ..logging import get_logger
 from .chain import BypassOverride
 from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
 from .stacked import StackedMode
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 logger = get_logger(__name__)
 
@@ -161,7 +164,8 @@ class LowMemoryMode(StackedMode):
 
 def layer_dtype(module: TLoraModule) -> torch.dtype | None:
     """The dtype the module's base layer computes in: its weight's floating dtype, else the compute dtype of the
-    hook or quantized layer that upcasts it (diffusers layerwise casting, bitsandbytes); None where none says."""
+    hook or quantized layer that upcasts it (diffusers layerwise casting, bitsandbytes 4-bit), else its bias's
+    (bitsandbytes 8-bit keeps the bias in the model's dtype); None where none says."""
     layer = base_layer(module)
     weight = getattr(layer, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_WEIGHTS:
@@ -171,7 +175,8 @@ def layer_dtype(module: TLoraModule) -> torch.dtype | None:
         dtype = getattr(owner, "compute_dtype", None)
         if isinstance(dtype, torch.dtype):
             return dtype
-    return None
+    bias = getattr(layer, "bias", None)
+    return bias.dtype if isinstance(bias, torch.Tensor) and bias.dtype in FLOAT_WEIGHTS else None
 
 
 def compute_dtype(modules: list[TLoraModule]) -> torch.dtype:

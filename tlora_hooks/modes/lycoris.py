@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from lycoris.modules.tlora import TLoraModule, clear_timestep_mask, set_timestep_mask
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 
 class LycorisMode:
@@ -14,6 +18,9 @@ class LycorisMode:
     runs_modules = True
 
     def __init__(self, modules: list[TLoraModule], group_id: int) -> None:
+        from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask
+
+        self._set_timestep_mask, self._clear_timestep_mask = set_timestep_mask, clear_timestep_mask
         self.modules = modules
         self.group_id = group_id
         self._original_groups = [module.mask_group_id for module in modules]
@@ -31,10 +38,10 @@ class LycorisMode:
         return 0
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        set_timestep_mask(mask, self.group_id)
+        self._set_timestep_mask(mask, self.group_id)
 
     def clear_mask(self) -> None:
-        clear_timestep_mask(self.group_id)
+        self._clear_timestep_mask(self.group_id)
 
     def remove(self) -> None:
         """Give the modules back their original mask groups."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
-from lycoris.modules.tlora import TLoraModule
 from torch import nn
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 
 class MaskMode(Protocol):
@@ -25,4 +27,4 @@ class MaskMode(Protocol):
 
 
 # (modules, LyCORIS mask group, their denoiser or None) -> the mode over those modules.
-ModeFactory = Callable[[list[TLoraModule], int, "nn.Module | None"], MaskMode]
+ModeFactory = Callable[[list["TLoraModule"], int, "nn.Module | None"], MaskMode]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from lycoris.modules.tlora import TLoraModule
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 
 class StackedMode:

@@ -11,8 +11,10 @@ weights a fused Triton kernel (`fold_kernel`) reads W0 and writes W once, where 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
@@ -22,6 +24,7 @@ from . import fold_kernel
 from .chain import ChainLink
 from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
 from .stacked import StackedMode
+from .training import TrainingRoute
 
 logger = get_logger(__name__)
 
@@ -48,9 +51,7 @@ class FoldStack:
         for layer, weight in zip(self.layers, stacked):
             layer.weight.data = weight
         self.base = stacked.clone()
-        factors = [delta_factors(module, stacked.device, stacked.dtype) for module in self.modules]
-        self.a = torch.stack([a for a, _ in factors])
-        self.b = torch.stack([b for _, b in factors])
+        self._build_factors()
         # Masking the thinner factor moves fewer bytes.
         self.mask_columns_of_b = self.b.shape[1] <= self.a.shape[2]
         # A fused kernel configuration where one beats baddbmm on this device; None: baddbmm.
@@ -58,9 +59,25 @@ class FoldStack:
             fold_kernel.fastest_config(self.base, self.b, self.a, self.weights)
             if fold_kernel.supports(stacked) else None
         )
-        # The mask last folded, for the fused kernel to skip an unchanged one; NaN: nothing folded yet.
-        self.previous_mask = torch.full((self.b.shape[-1],), float("nan"), device=stacked.device, dtype=stacked.dtype)
         self._pointers = (stacked[0].data_ptr(), stacked[-1].data_ptr())
+
+    def _build_factors(self) -> None:
+        """A and B from the modules' current parameters; the next fold rewrites every weight."""
+        factors = [delta_factors(module, self.base.device, self.base.dtype) for module in self.modules]
+        self.a = torch.stack([a for a, _ in factors])
+        self.b = torch.stack([b for _, b in factors])
+        # The mask last folded, for the fused kernel to skip an unchanged one; NaN: nothing folded yet.
+        self.previous_mask = torch.full_like(self.b[0, 0], float("nan"))
+
+    def refresh(self) -> None:
+        """Rebuild the factors after the T-LoRA parameters changed (training)."""
+        with torch.no_grad(), torch.inference_mode(False):
+            self._build_factors()
+
+    def original_forward(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Layer `index`'s forward with its original weight W0, for training calls (`modes.training`)."""
+        layer = self.layers[index]
+        return lambda x: F.linear(x, self.base[index], layer.bias)
 
     @property
     def device(self) -> torch.device:
@@ -164,6 +181,30 @@ class FoldMode(StackedMode):
 
     def clear_mask(self) -> None:
         """Nothing to do: the next call refolds, and `remove()` restores W0."""
+
+    def refresh(self) -> None:
+        for stack in self.stacks:
+            stack.refresh()
+
+    def training_routes(self) -> list[TrainingRoute]:
+        """Training calls reach the folded layers' modules again, and compute with W0, not the folded weights."""
+        trainable = [m.lora_name for stack in self.stacks for m, layer in zip(stack.modules, stack.layers)
+                     if layer.weight.requires_grad]
+        if trainable:
+            raise TLoRAError(
+                f"T-LoRA mode 'fold' keeps a copy of the weights it rewrites, but {len(trainable)} of them require "
+                f"grad (e.g. the layer of {trainable[0]}): a training step on them would be overwritten by the next "
+                "fold. Freeze the denoiser's own weights (denoiser.requires_grad_(False), then "
+                "network.requires_grad_(True)) or pass mode='low_memory'."
+            )
+        links = {id(link.module): link for link in self.links}
+        routes = []
+        for stack in self.stacks:
+            stack.follow_moved_weights()
+            for index, module in enumerate(stack.modules):
+                base_forward = stack.original_forward(index)
+                routes.append(TrainingRoute(module, base_forward, links[id(module)], module.bypass_mode))
+        return routes
 
     def remove(self) -> None:
         with torch.no_grad():

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
-from lycoris.modules.tlora import TLoraModule, clear_timestep_mask, set_timestep_mask
+from lycoris.modules.tlora import TLoraModule, clear_timestep_mask, get_timestep_mask, set_timestep_mask
+
+from ..errors import TLoRAError
 
 
 class LycorisMode:
@@ -33,11 +38,45 @@ class LycorisMode:
     def set_mask(self, mask: torch.Tensor) -> None:
         set_timestep_mask(mask, self.group_id)
 
+    def set_sample_masks(self, masks: torch.Tensor) -> None:
+        """A training call: LyCORIS holds one mask per call, so every sample must have the same rank."""
+        if masks.shape[0] > 1 and not bool((masks == masks[:1]).all()):
+            ranks = [int(rank) for rank in masks.sum(dim=1).tolist()]
+            raise TLoRAError(
+                f"mode='lycoris' runs LyCORIS's own forward, which holds one mask per call (set_timestep_mask), "
+                f"but the samples of this batch need ranks {ranks}. The default mode trains with one mask per "
+                "sample: enable_tlora(..., mode='auto'). Or give every sample of a batch the same timestep."
+            )
+        self.set_mask(masks[:1].to(self.mask_dtype))
+
     def clear_mask(self) -> None:
         clear_timestep_mask(self.group_id)
+
+    def refresh(self) -> None:
+        """Nothing to rebuild: LyCORIS reads its parameters on every call."""
+
+    def call_masks(self) -> torch.Tensor | None:
+        """The mask of the running call, for a recompute during backward to set again."""
+        return get_timestep_mask(self.group_id)
+
+    @contextmanager
+    def replaying(self, call_masks: torch.Tensor | None) -> Iterator[None]:
+        previous = self.call_masks()
+        _install(call_masks, self.group_id)
+        try:
+            yield
+        finally:
+            _install(previous, self.group_id)
 
     def remove(self) -> None:
         """Give the modules back their original mask groups."""
         self.clear_mask()
         for module, group in zip(self.modules, self._original_groups):
             module.mask_group_id = group
+
+
+def _install(mask: torch.Tensor | None, group_id: int) -> None:
+    if mask is None:
+        clear_timestep_mask(group_id)
+    else:
+        set_timestep_mask(mask, group_id)

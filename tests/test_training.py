@@ -1,0 +1,221 @@
+"""Training calls: one mask per sample, checked sample by sample against LyCORIS's own forward (outputs and every
+T-LoRA gradient), in every mode; the fast modes' factors follow training; mode="lycoris" and bad input refuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, get_timestep_mask, set_timestep_mask
+
+import training_tools as tt
+from devtools.measure import relative_error
+from tlora_hooks import TLoRAError, enable_tlora
+from tlora_hooks.hooks import DenoiserHook, installed_hook
+from tlora_hooks.modes.per_sample import get_sample_masks
+
+FAST_MODES = ("auto", "fold", "low_memory")
+TOLERANCE = 1e-5  # fp32, relative to each tensor's largest reference value
+CASES = ("linear_2d", "linear_tokens", "conv_1x1", "sdxl", "flux")
+
+
+def case_for(name: str, batch: int = 4) -> tt.TrainingCase:
+    return tt.DENOISERS[name](batch) if name in tt.DENOISERS else tt.toy(name, batch)
+
+
+def enable(case: tt.TrainingCase, mode: str, **kwargs):
+    if isinstance(case.denoiser, tt.ToyDenoiser):
+        kwargs.setdefault("timestep_fn", tt.read_toy_timestep)
+    return enable_tlora(case.denoiser, max_rank=tt.RANK, mode=mode, **kwargs)
+
+
+def assert_close(outputs, grads, reference_outputs, reference_grads, tolerance=TOLERANCE, what=""):
+    assert relative_error(outputs, reference_outputs) <= tolerance, f"{what}: output"
+    assert grads.keys() == reference_grads.keys()
+    errors = {name: relative_error(grads[name], reference_grads[name]) for name in grads}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tolerance, f"{what}: gradient of {worst} off by {errors[worst]:.2e}"
+
+
+def largest_difference(grads, other_grads) -> float:
+    return max(relative_error(grads[name], other_grads[name]) for name in grads)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_one_training_call_equals_lycoris_sample_by_sample(name):
+    """Batch 4, four timesteps of four different ranks, in each fast mode; an inference call first, so a fold
+    holds W0 + ΔW when the training call comes (the training call must compute with W0)."""
+    case = case_for(name)
+    reference_outputs, reference_grads = tt.lycoris_per_sample(case)
+    _, unmasked_grads = tt.lycoris_per_sample(case, masked=False)
+    assert largest_difference(unmasked_grads, reference_grads) > 1e3 * TOLERANCE, "the masks must matter"
+    for mode in FAST_MODES:
+        with enable(case, mode) as handle:
+            with torch.no_grad():
+                case.call(slice(None), case.timesteps)
+            outputs, grads = tt.batched_step(case)
+            resolved = next(iter(handle.mode.values()))
+        if name.startswith("linear") and mode != "low_memory":
+            assert resolved.startswith("fold"), resolved
+        assert_close(outputs, grads, reference_outputs, reference_grads, what=f"{name}, {mode}")
+
+
+def test_training_calls_are_told_by_grad_mode_and_trainable_parameters(monkeypatch):
+    """Under no_grad the parameters are not even scanned; with grad but a frozen adapter, the call is inference."""
+    case = tt.toy("linear_tokens")
+    with enable(case, "fold"):
+        hook = installed_hook(case.denoiser)
+        with torch.no_grad(), monkeypatch.context() as patch:
+            patch.setattr(DenoiserHook, "trains", lambda self: pytest.fail("scanned under no_grad"))
+            inference = case.call(slice(None), case.timesteps[:1])
+        case.network.requires_grad_(False)
+        frozen = case.call(slice(None), case.timesteps[:1])
+        assert not hook.mode.routed_for_training
+        case.network.requires_grad_(True)
+        case.call(slice(None), case.timesteps[:1])
+        assert hook.mode.routed_for_training
+    assert relative_error(frozen, inference) <= TOLERANCE
+
+
+def test_per_token_timesteps_reduce_per_sample_and_one_timestep_serves_the_batch():
+    """Wan 2.2 TI2V / LTX conditioning: conditioning tokens get 0, the sample's own t elsewhere (max per sample)."""
+    case = tt.toy("linear_tokens")
+    reference_outputs, reference_grads = tt.lycoris_per_sample(case)
+    per_token = case.timesteps[:, None].repeat(1, 6)
+    per_token[:, 0] = 0
+    with enable(case, "auto"):
+        assert_close(*tt.batched_step(case, per_token), reference_outputs, reference_grads, what="per token")
+
+    same = torch.full((4,), 400)
+    uniform_outputs, uniform_grads = tt.lycoris_per_sample(tt.TrainingCase(**{**case.__dict__, "timesteps": same}))
+    with enable(case, "auto"):
+        for one in (torch.tensor(400), torch.tensor([400])):
+            assert_close(*tt.batched_step(case, one), uniform_outputs, uniform_grads, what=f"shape {one.shape}")
+
+
+def layer_state(case: tt.TrainingCase) -> list:
+    """Everything a call could leave changed: each layer's forward slot, each module's bypass routing, weights."""
+    state = []
+    for module in case.network.loras:
+        layer = module.org_module[0]
+        state.append((layer.__dict__.get("forward"), module.__dict__.get("bypass_forward"), module.bypass_mode))
+        state.append(layer.weight.detach().clone())
+    return state
+
+
+def assert_same_state(before, after):
+    for old, new in zip(before, after):
+        assert torch.equal(old, new) if isinstance(old, torch.Tensor) else old == new
+
+
+@pytest.mark.parametrize("mode", ["fold", "low_memory", "lycoris"])
+def test_a_timestep_vector_that_is_neither_one_nor_the_batch_raises_and_changes_nothing(mode):
+    case = tt.toy("linear_tokens")
+    with enable(case, mode) as handle:
+        with torch.no_grad():
+            expected = case.call(slice(None), case.timesteps)
+        before = layer_state(case)
+        with pytest.raises(TLoRAError, match="batch has 4 samples"):
+            case.call(slice(None), case.timesteps[:3])
+        assert_same_state(before, layer_state(case))
+        group = handle.mask_groups["ToyDenoiser"]
+        assert get_sample_masks(group) is None and get_timestep_mask(group) is None
+        with torch.no_grad():
+            assert torch.equal(case.call(slice(None), case.timesteps), expected)
+
+
+def test_mode_lycoris_refuses_mixed_ranks_and_matches_lycoris_for_one_rank():
+    case = tt.sdxl()
+    with enable(case, "lycoris") as handle:
+        with pytest.raises(TLoRAError, match="one mask per call.*ranks \\[1, 3, 5, 7\\].*default mode"):
+            case.loss()
+        assert get_timestep_mask(handle.mask_groups["UNet2DConditionModel"]) is None
+        uniform = torch.full((4,), 400)
+        outputs, grads = tt.batched_step(case, uniform)
+    reference = tt.lycoris_per_sample(tt.TrainingCase(**{**case.__dict__, "timesteps": uniform}))
+    assert_close(outputs, grads, *reference, what="lycoris, one rank")
+
+
+def flattened_toy():
+    """A layer fed (B·N, C): its first dim is not the batch."""
+    case = tt.toy("linear_tokens")
+    block = case.denoiser.block
+    block.forward = lambda x: tt.ToyBlock.forward(block, x.reshape(-1, x.shape[-1])).reshape(x.shape)
+    return case
+
+
+def test_a_layer_whose_first_dim_is_not_the_batch_raises_for_mixed_ranks_and_is_exact_for_one():
+    case = flattened_toy()
+    with enable(case, "auto"):
+        with pytest.raises(TLoRAError, match="first dim \\(20\\) is not the batch size \\(4\\).*\\[1, 3, 5, 7\\]"):
+            case.loss()
+        uniform = torch.full((4,), 700)
+        outputs, grads = tt.batched_step(case, uniform)
+    reference = tt.lycoris_per_sample(tt.TrainingCase(**{**case.__dict__, "timesteps": uniform}))
+    assert_close(outputs, grads, *reference, what="flattened, one rank")
+
+
+def lycoris_output(case: tt.TrainingCase, timesteps: torch.Tensor) -> torch.Tensor:
+    """LyCORIS's own forward (no hooks), one rank for the call: the reference of an inference call."""
+    set_timestep_mask(compute_timestep_mask(int(timesteps[0]), 1000, tt.RANK))
+    try:
+        with torch.no_grad():
+            return case.call(slice(None), timesteps)
+    finally:
+        clear_timestep_mask()
+
+
+@pytest.mark.parametrize("mode", FAST_MODES)
+@pytest.mark.parametrize("name", ["sdxl", "linear_tokens"])
+def test_validation_after_training_steps_uses_the_trained_parameters(name, mode):
+    """The fast modes snapshot the parameters into factors; an optimizer step must reach the next inference call,
+    also when that call comes between a training forward and its backward."""
+    case = case_for(name)
+    validation_t = torch.full((4,), 400)
+    optimizer = torch.optim.SGD(tt.tlora_parameters(case.network).values(), lr=1.0)
+    outputs = []
+    with enable(case, mode):
+        with torch.no_grad():
+            case.call(slice(None), validation_t)  # builds the factors
+        for validate_before_backward in (False, True):
+            loss, _ = case.loss()
+            if validate_before_backward:
+                with torch.no_grad():
+                    case.call(slice(None), validation_t)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                outputs.append(case.call(slice(None), validation_t))
+            outputs.append(lycoris_output(case, validation_t))
+    first, first_reference, second, second_reference = outputs
+    assert relative_error(first_reference, second_reference) > 1e3 * TOLERANCE, "each step must move the output"
+    assert relative_error(first, first_reference) <= 2e-5
+    assert relative_error(second, second_reference) <= 2e-5
+
+
+def test_fold_refuses_to_train_with_trainable_base_weights():
+    case = tt.toy("linear_2d")
+    case.denoiser.requires_grad_(True)
+    with enable(case, "fold"):
+        before = layer_state(case)
+        with pytest.raises(TLoRAError, match="requires_grad_\\(False\\).*mode='low_memory'"):
+            case.loss()
+        assert_same_state(before, layer_state(case))
+    with enable(case, "low_memory"):
+        case.loss()[0].backward()
+    assert case.denoiser.block.first.weight.grad is not None
+
+
+def test_two_denoisers_keep_their_masks_in_their_own_groups():
+    """Masks are kept per LyCORIS mask group: one denoiser's training call sets nothing in the other's."""
+    first, second = tt.toy("linear_tokens"), tt.toy("linear_2d")
+    seen = {}
+    with enable(first, "auto") as first_handle, enable(second, "auto") as second_handle:
+        groups = (first_handle.mask_groups["ToyDenoiser"], second_handle.mask_groups["ToyDenoiser"])
+        assert groups[0] != groups[1]
+        first.denoiser.block.register_forward_hook(
+            lambda *_: seen.update({group: get_sample_masks(group) for group in groups})
+        )
+        first.loss()
+    assert seen[groups[0]] is not None and seen[groups[0]].rows == 4
+    assert seen[groups[1]] is None

@@ -196,17 +196,34 @@ def test_validation_after_training_steps_uses_the_trained_parameters(name, mode)
     assert relative_error(second, second_reference) <= 2e-5
 
 
-def test_fold_refuses_to_train_with_trainable_base_weights():
-    case = tt.toy("linear_2d")
-    case.denoiser.requires_grad_(True)
-    with enable(case, "fold"):
-        before = layer_state(case)
-        with pytest.raises(TLoRAError, match="requires_grad_\\(False\\).*mode='low_memory'"):
-            case.loss()
-        assert_same_state(before, layer_state(case))
-    with enable(case, "low_memory"):
-        case.loss()[0].backward()
-    assert case.denoiser.block.first.weight.grad is not None
+@pytest.mark.parametrize("mode", FAST_MODES)
+def test_base_weights_that_require_grad_train_too(mode):
+    """A denoiser not frozen: its own weights get LyCORIS's gradients, and an optimizer step on them reaches the next
+    inference call, also where the fold keeps a copy of them (the copy follows the step)."""
+    def train_step(case, step):
+        outputs, grads = step(case)
+        base_grad = case.denoiser.block.first.weight.grad.clone()
+        for parameter, grad in zip(tt.tlora_parameters(case.network).values(), grads.values()):
+            parameter.grad = grad
+        torch.optim.SGD(case.denoiser.parameters(), lr=0.5).step()
+        torch.optim.SGD(tt.tlora_parameters(case.network).values(), lr=0.5).step()
+        return outputs, grads, base_grad
+
+    validation_t = torch.full((4,), 400)
+    reference, ours = tt.toy("linear_tokens"), tt.toy("linear_tokens")
+    for case in (reference, ours):
+        case.denoiser.requires_grad_(True)
+    *expected, expected_base_grad = train_step(reference, tt.lycoris_per_sample)
+    expected_validation = lycoris_output(reference, validation_t)
+    with enable(ours, mode):
+        with torch.no_grad():
+            ours.call(slice(None), ours.timesteps)  # a fold holds W0 + ΔW when training starts
+        outputs, grads, base_grad = train_step(ours, tt.batched_step)
+        with torch.no_grad():
+            validation = ours.call(slice(None), validation_t)
+    assert_close(outputs, grads, *expected, what=mode)
+    assert relative_error(base_grad, expected_base_grad) <= TOLERANCE
+    assert relative_error(validation, expected_validation) <= 2e-5
 
 
 def test_two_denoisers_keep_their_masks_in_their_own_groups():

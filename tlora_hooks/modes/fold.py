@@ -39,6 +39,7 @@ class FoldStack:
         self.rank = modules[0].lora_dim
         self.base: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
+        self.trains_base = False  # training calls run the layers' own weights (see `enter_training`)
         with torch.no_grad(), torch.inference_mode(False):
             self._adopt(torch.stack([layer.weight.detach() for layer in self.layers]))
 
@@ -75,9 +76,30 @@ class FoldStack:
             self._build_factors()
 
     def original_forward(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Layer `index`'s forward with its original weight W0, for training calls (`modes.training`)."""
+        """Layer `index`'s forward with its original weight W0 from the copy, which nothing writes in place: what a
+        training call saves for backward stays valid even if an inference call folds before that backward."""
         layer = self.layers[index]
         return lambda x: F.linear(x, self.base[index], layer.bias)
+
+    def enter_training(self) -> None:
+        """Where the base weights themselves train, training calls run the layers' own weights, set to W0, so their
+        gradients and optimizer steps reach them; elsewhere they read W0 from the copy (`original_forward`)."""
+        self.trains_base = any(layer.weight.requires_grad for layer in self.layers)
+        if self.trains_base:
+            with torch.no_grad():
+                self.weights.copy_(self.base)
+                self.previous_mask.fill_(float("nan"))
+
+    def leave_training(self) -> None:
+        """W0 follows what training did to the base weights; a backward still pending on them raises (autograd's
+        in-place check) rather than reading the weights the next fold writes."""
+        if not self.trains_base:
+            return
+        with torch.no_grad():
+            self.base.copy_(self.weights)
+        for layer in self.layers:
+            torch.autograd.graph.increment_version(layer.weight)
+        self.trains_base = False
 
     @property
     def device(self) -> torch.device:
@@ -187,24 +209,20 @@ class FoldMode(StackedMode):
             stack.refresh()
 
     def training_routes(self) -> list[TrainingRoute]:
-        """Training calls reach the folded layers' modules again, and compute with W0, not the folded weights."""
-        trainable = [m.lora_name for stack in self.stacks for m, layer in zip(stack.modules, stack.layers)
-                     if layer.weight.requires_grad]
-        if trainable:
-            raise TLoRAError(
-                f"T-LoRA mode 'fold' keeps a copy of the weights it rewrites, but {len(trainable)} of them require "
-                f"grad (e.g. the layer of {trainable[0]}): a training step on them would be overwritten by the next "
-                "fold. Freeze the denoiser's own weights (denoiser.requires_grad_(False), then "
-                "network.requires_grad_(True)) or pass mode='low_memory'."
-            )
+        """Training calls reach the folded layers' modules again and compute with W0, not the folded weights."""
         links = {id(link.module): link for link in self.links}
         routes = []
         for stack in self.stacks:
             stack.follow_moved_weights()
+            stack.enter_training()
             for index, module in enumerate(stack.modules):
-                base_forward = stack.original_forward(index)
+                base_forward = module.org_forward if stack.trains_base else stack.original_forward(index)
                 routes.append(TrainingRoute(module, base_forward, links[id(module)], module.bypass_mode))
         return routes
+
+    def leave_training(self) -> None:
+        for stack in self.stacks:
+            stack.leave_training()
 
     def remove(self) -> None:
         with torch.no_grad():

@@ -167,6 +167,9 @@ class LowMemoryMode(StackedMode):
             for override in self.overrides
         ]
 
+    def leave_training(self) -> None:
+        """Nothing to undo: training calls never touch the factors."""
+
     def remove(self) -> None:
         while self.overrides:
             self.overrides.pop().restore()

@@ -55,6 +55,13 @@ class LycorisMode:
     def refresh(self) -> None:
         """Nothing to rebuild: LyCORIS reads its parameters on every call."""
 
+    def training_routes(self) -> list:
+        """None of its own: inside a fast mode, `TrainingMode` routes the modules this part runs."""
+        return []
+
+    def leave_training(self) -> None:
+        """Nothing to undo."""
+
     def call_masks(self) -> torch.Tensor | None:
         """The mask of the running call, for a recompute during backward to set again."""
         return get_timestep_mask(self.group_id)

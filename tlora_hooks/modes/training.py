@@ -127,7 +127,8 @@ class TrainingMode:
             self.inner.clear_mask()
 
     def remove(self) -> None:
-        self._leave_training()
+        if self._routes:
+            self._leave_training()
         clear_sample_masks(self.group_id)
         self.inner.remove()
 
@@ -150,8 +151,7 @@ class TrainingMode:
 
     # -- routing -------------------------------------------------------------------------------------------------
     def _enter_training(self) -> None:
-        routes = self._training_routes()
-        unsupported = [(route.module, unsupported_reason(route.module)) for route in routes]
+        unsupported = [(module, unsupported_reason(module)) for module in self.modules]
         unsupported = [(module, reason) for module, reason in unsupported if reason]
         if unsupported:
             module, reason = unsupported[0]
@@ -159,23 +159,22 @@ class TrainingMode:
                 f"T-LoRA cannot train {len(unsupported)} module(s), e.g. {module.lora_name}: {reason}. LyCORIS's own "
                 "T-LoRA forward fails on them too; leave such layers out of the preset (target Linear layers)."
             )
-        installed = []
         try:
-            for route in routes:
-                installed.append(InstalledRoute(route))
+            for route in self._training_routes():
+                self._routes.append(InstalledRoute(route))
         except BaseException:
-            for route in reversed(installed):
-                route.remove()
+            self._leave_training()
             raise
-        self._routes = installed
 
     def _leave_training(self) -> None:
         while self._routes:
             self._routes.pop().remove()
+        for part in self.inner.parts:
+            part.leave_training()
 
     def _training_routes(self) -> list[TrainingRoute]:
         """A route for every module: the fast parts say how to reach theirs; LyCORIS's forward runs the rest."""
-        routes = [route for part in self.inner.parts for route in getattr(part, "training_routes", list)()]
+        routes = [route for part in self.inner.parts for route in part.training_routes()]
         taken = {id(route.module) for route in routes}
         return routes + [
             TrainingRoute(module, module.org_forward, bypass_mode=module.bypass_mode)

@@ -42,6 +42,7 @@ def test_bench_host_overhead_times_every_variant(run):
     (result,) = run("bench_host_overhead.py", "--reps", "1", "--loops", "1")
     assert set(result["us_per_layer_call"]) == {"plain", "lycoris", "lycoris_bypass", "low_memory", "fold"}
     assert set(result["us_mask_update_per_call"]) == {"lycoris", "lycoris_bypass", "low_memory", "fold"}
+    assert set(result["us_hook_per_call"]) == set(result["us_mask_update_per_call"])
 
 
 def test_cost_model_counts_each_layer_once(run):
@@ -55,3 +56,11 @@ def test_bench_load_times_the_cached_load_and_its_hit_equals_the_rebuild(run):
     assert result["cache_hit_bit_identical"] is True
     assert result["load_tlora_cache_cold_s"] > 0 and result["load_tlora_cache_hit_s"] > 0
     assert result["cache_key_weight_checksums_s"] > 0 and result["cache_file_mib"] > 0
+
+
+def test_bench_train_times_every_variant_and_its_gradients_equal_the_lycoris_loop(run):
+    (result,) = run("bench_train.py", "--size", "tiny", "--reps", "1", "--rank", "8")
+    assert set(result["s_per_step"]) == {"tlora_hooks", "lycoris_loop", "peft_lora"}
+    assert all(seconds > 0 for seconds in result["s_per_step"].values())
+    assert all(size > 0 for size in result["saved_for_backward_mib"].values())
+    assert result["mode"] == "fold" and result["rel_grad_diff_vs_lycoris_loop"] <= 1e-4  # fp32 on CPU

@@ -9,6 +9,7 @@ import pytest
 import torch
 from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, get_timestep_mask, set_timestep_mask
 
+import tiny
 import training_tools as tt
 from devtools.measure import relative_error
 from tlora_hooks import TLoRAError, enable_tlora
@@ -224,6 +225,36 @@ def test_base_weights_that_require_grad_train_too(mode):
     assert_close(outputs, grads, *expected, what=mode)
     assert relative_error(base_grad, expected_base_grad) <= TOLERANCE
     assert relative_error(validation, expected_validation) <= 2e-5
+
+
+def test_with_trainable_base_weights_a_fold_between_forward_and_backward_makes_backward_raise():
+    """There the layers' own weights are saved for backward; the next fold rewrites them, so autograd must object."""
+    case = tt.toy("linear_tokens")
+    case.denoiser.requires_grad_(True)
+    with enable(case, "fold"):
+        loss, _ = case.loss()
+        with torch.no_grad():
+            case.call(slice(None), case.timesteps)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_a_convolution_lycoris_cannot_run_is_refused_before_anything_changes():
+    """LyCORIS's T-LoRA forward fails on kernels larger than 1×1; a training call says so and changes nothing."""
+    torch.manual_seed(0)
+    denoiser = tt.ToyDenoiser("linear")
+    denoiser.block.second = torch.nn.Conv2d(16, 16, 3, padding=1)
+    denoiser.block.forward = lambda x: denoiser.block.second(x)
+    network = tt.perturbed(tiny.apply_tlora(denoiser, tt.RANK, targets=("ToyBlock",)))
+    x = torch.randn(2, 16, 4, 4)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        denoiser(x, torch.tensor([400, 400]))
+    case = tt.TrainingCase(denoiser, network, lambda rows, t: denoiser(x[rows], t), torch.tensor([400, 50]), 2)
+    with enable(case, "auto"):
+        before = layer_state(case)
+        with pytest.raises(TLoRAError, match="conv2d with kernel \\(3, 3\\).*only 1×1"):
+            case.loss()
+        assert_same_state(before, layer_state(case))
 
 
 def test_two_denoisers_keep_their_masks_in_their_own_groups():

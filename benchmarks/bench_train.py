@@ -11,6 +11,8 @@ of `Attention` and `FeedForward`, base frozen, four samples with timesteps of fo
   peft_lora       a PEFT LoRA of the same rank on the same layers of a copy of the same UNet, one call of the batch:
                   the floor a plain LoRA sets (target: tlora_hooks <= 1.3x)
 Interleaved repetitions after one untimed round (each repetition runs every variant in a rotated order), medians.
+On the CPU the ratios are of process CPU time (`time.process_time()`), which other jobs on a shared machine disturb
+far less than wall time (both are reported); on CUDA of wall time, synchronised.
 Memory: on CUDA the peak allocated during the step; on the CPU, where torch keeps no allocator statistics (and RSS
 or tracemalloc do not see its allocations), the bytes autograd saves for backward (unique storages, through
 `torch.autograd.graph.saved_tensors_hooks`), the part of a training step's memory that grows with the batch. The
@@ -178,10 +180,10 @@ def main() -> None:
         synchronize(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         saved = step(name, unet, twin, loss, args.batch, args.rank)
         synchronize(device)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         if handle is not None:
             resolved.update(handle.mode)
             handle.remove()
@@ -190,18 +192,22 @@ def main() -> None:
         grads[name] = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in parameters]
         for parameter in parameters:
             parameter.grad = None
-        return seconds, saved, peak
+        return seconds, cpu_seconds, saved, peak
 
     samples = {name: [] for name in VARIANTS}
+    cpu_samples = {name: [] for name in VARIANTS}
     saved_bytes, peaks = {}, {}
     for repetition in range(args.reps + 1):  # the first round is untimed
         order = VARIANTS[repetition % len(VARIANTS):] + VARIANTS[: repetition % len(VARIANTS)]
         for name in order:
-            seconds, saved, peak = run(name)
+            seconds, cpu_seconds, saved, peak = run(name)
             if repetition:
                 samples[name].append(seconds)
+                cpu_samples[name].append(cpu_seconds)
             saved_bytes[name], peaks[name] = saved, peak
-    medians = {name: statistics.median(values) for name, values in samples.items()}
+    wall = {name: statistics.median(values) for name, values in samples.items()}
+    cpu = {name: statistics.median(values) for name, values in cpu_samples.items()}
+    medians = wall if device == "cuda" else cpu  # what the ratios compare
     gradient_difference = max(
         relative_error(ours, reference) for ours, reference in zip(grads["tlora_hooks"], grads["lycoris_loop"])
     )
@@ -213,8 +219,11 @@ def main() -> None:
         dtype="bf16 autocast" if device == "cuda" else "float32", threads=torch.get_num_threads(),
         torch=torch.__version__, diffusers=version("diffusers"), lycoris=version("lycoris-lora"), peft=version("peft"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        timed="wall" if device == "cuda" else "process cpu time",
         s_per_step={name: round(value, 4) for name, value in medians.items()},
+        wall_s_per_step={name: round(value, 4) for name, value in wall.items()},
         samples={name: [round(s, 4) for s in values] for name, values in samples.items()},
+        cpu_samples={name: [round(s, 4) for s in values] for name, values in cpu_samples.items()},
         tlora_hooks_vs_lycoris_loop=round(medians["tlora_hooks"] / medians["lycoris_loop"], 3),
         tlora_hooks_vs_peft_lora=round(medians["tlora_hooks"] / medians["peft_lora"], 3),
         saved_for_backward_mib={name: round(value / 2**20, 1) for name, value in saved_bytes.items()},
@@ -223,9 +232,9 @@ def main() -> None:
     )
     print(f"\n{size} UNet, batch {args.batch}, rank {args.rank}, {len(network.loras)} T-LoRA modules on "
           f"{result['device']} ({result['dtype']}, {result['threads']} threads)")
-    print(f"{'variant':14s} {'s/step':>9s} {'vs tlora_hooks':>15s} {'saved MiB':>10s}")
+    print(f"{'variant':14s} {'s/step':>9s} {'wall s':>9s} {'vs tlora_hooks':>15s} {'saved MiB':>10s}")
     for name in VARIANTS:
-        print(f"{name:14s} {medians[name]:9.4f} {medians[name] / medians['tlora_hooks']:15.2f} "
+        print(f"{name:14s} {medians[name]:9.4f} {wall[name]:9.4f} {medians[name] / medians['tlora_hooks']:15.2f} "
               f"{saved_bytes[name] / 2**20:10.1f}")
     print(f"tlora_hooks / lycoris_loop = {result['tlora_hooks_vs_lycoris_loop']}, "
           f"tlora_hooks / peft_lora = {result['tlora_hooks_vs_peft_lora']}; "

@@ -1,13 +1,13 @@
 """Training calls in the fast modes: every module runs the per-sample forward; inference calls run the fast mode.
 
 A fast mode (fold, low_memory, and LyCORIS's forward for the modules they do not take) serves inference as built.
-On a training call every module is routed through LyCORIS's forward into `PerSampleForward`: folded layers compute
-with their original weight W0 (the fold's copy, which nothing writes in place, so autograd's saved tensors stay
-valid), never with the folded weights. The routing is switched when calls alternate between training and
-inference (validation), not on every call, so the per-call cost of either kind stays where it was. The fast
-modes' factors snapshot the T-LoRA parameters; once a training call has run, every inference call compares the
-parameters' version counters (bumped by every in-place update: `optimizer.step()`, `load_state_dict`) with those
-of the snapshot and rebuilds the factors when they moved.
+On a training call every module is routed through LyCORIS's forward into `PerSampleForward`. Folded layers compute
+with their original weight W0, never with the folded weights: from the fold's copy, which nothing writes in place,
+so autograd's saved tensors stay valid (where the base weights train too, from their own weights set to W0).
+The routing is switched when calls alternate between training and inference (validation), not on every call, so the
+per-call cost of either kind stays where it was. The fast modes' factors snapshot the T-LoRA parameters; once a
+training call has run, every inference call compares the parameters' version counters (bumped by every in-place
+update: `optimizer.step()`, `load_state_dict`) with those of the snapshot and rebuilds the factors when they moved.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from tlora_hooks.modes.per_sample import get_sample_masks
 
 FAST_MODES = ("auto", "fold", "low_memory")
 TOLERANCE = 1e-5  # fp32, relative to each tensor's largest reference value
-CASES = ("linear_2d", "linear_tokens", "conv_1x1", "sdxl", "flux")
+CASES = ("linear_2d", "linear_tokens", "conv_1x1", "sdxl", "flux", "wan_ti2v")
 
 
 def case_for(name: str, batch: int = 4) -> tt.TrainingCase:

@@ -182,4 +182,23 @@ def flux(batch: int = 4) -> TrainingCase:
     return TrainingCase(transformer, network, call, torch.tensor([999.0, 700.0, 437.6, 50.0])[:batch], batch, latents)
 
 
-DENOISERS = {"sdxl": sdxl, "flux": flux}
+def wan_ti2v(batch: int = 4) -> TrainingCase:
+    """Per-token timesteps, (B, tokens), as Wan 2.2 TI2V passes them: the conditioning frame's tokens at 0, the
+    sample's own t elsewhere."""
+    transformer = tiny._wan_transformer()
+    network = tiny.add_tlora(transformer, RANK)
+    trainable(transformer, network)
+    generator = torch.Generator().manual_seed(6)
+    latents = torch.randn(batch, 16, 2, 4, 4, generator=generator)  # 2 frames of 2×2 patches: 8 tokens
+    embeds = torch.randn(batch, 8, 32, generator=generator)
+
+    def call(rows, t):
+        per_token = t.float()[:, None].repeat(1, 8)
+        per_token[:, :4] = 0  # the first (conditioning) frame
+        return transformer(hidden_states=latents[rows], timestep=per_token, encoder_hidden_states=embeds[rows],
+                           return_dict=False)[0]
+
+    return TrainingCase(transformer, network, call, torch.tensor(TIMESTEPS[:batch]), batch, latents)
+
+
+DENOISERS = {"sdxl": sdxl, "flux": flux, "wan_ti2v": wan_ti2v}

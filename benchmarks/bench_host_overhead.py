@@ -5,8 +5,10 @@
 On an eager GPU run every layer call costs host time to launch its kernels; SDXL has 700 T-LoRA layers per call,
 so microseconds per layer decide whether the GPU waits for the host. Each targeted layer is called with a one-token
 input, so the kernels are negligible and the time is the host's: Python frames, dispatch, launches (on CUDA without
-synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_mask` + `clear_mask`), and
-the fold's check for writes from outside alone (part of its `set_mask`).
+synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_mask` + `clear_mask`), the
+fold's check for writes from outside alone (part of its `set_mask`), and the whole hook of an inference call
+(pre-hook + post-hook: reading the timestep, choosing the mask, setting and clearing it), which is where a call is
+told from a training call.
 Variants as in bench_forward.py; interleaved repetitions, medians. Prints a table and a `RESULT {json}` line.
 """
 
@@ -71,6 +73,25 @@ def time_write_check(model, loops):
     return (time.perf_counter() - start) / loops
 
 
+def time_hook(model, call, t, device, loops):
+    """Seconds per denoiser call spent in the hook itself (pre-hook + post-hook), for the arguments `call` passes."""
+    from tlora_hooks.hooks import installed_hook
+
+    hook, seen = installed_hook(model), []
+    recorder = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args, kwargs)),
+                                               with_kwargs=True)
+    call(t)
+    recorder.remove()
+    args, kwargs = seen[0]
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(loops):
+        hook.pre_forward(model, args, kwargs)
+        hook.post_forward(model, args, kwargs, None)
+    synchronize(device)
+    return (time.perf_counter() - start) / loops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -89,18 +110,23 @@ def main() -> None:
     samples = {name: [] for name in VARIANTS}
     updates = {name: [] for name in VARIANTS}
     checks = []
+    hooks = {name: [] for name in VARIANTS}
     for repetition in range(args.reps + 1):  # the first round is untimed
         order = VARIANTS[repetition % len(VARIANTS):] + VARIANTS[: repetition % len(VARIANTS)]
         for name in order:
             with variant(name, model, network, args.rank, scheduler, dtype) as handle, torch.inference_mode():
                 call(scheduler.timesteps[0].to(device))  # builds each path's state, as a first denoiser call does
                 seconds = time_layers(layers, inputs, device, args.loops)
-                update = time_mask_update(model, mask, device, args.loops) if handle is not None else None
-                check = time_write_check(model, 100 * args.loops) if handle is not None else None
+                update, hook, check = None, None, None
+                if handle is not None:
+                    update = time_mask_update(model, mask, device, args.loops)
+                    hook = time_hook(model, call, scheduler.timesteps[1].to(device), device, args.loops)
+                    check = time_write_check(model, 100 * args.loops)
             if repetition:
                 samples[name].append(seconds)
                 if update is not None:
                     updates[name].append(update)
+                    hooks[name].append(hook)
                 if check is not None:
                     checks.append(check)
     per_layer = {name: statistics.median(values) for name, values in samples.items()}
@@ -118,6 +144,7 @@ def main() -> None:
         },
         us_mask_update_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in updates.items() if v},
         us_fold_write_check_per_call=round(statistics.median(checks) * 1e6, 1) if checks else None,
+        us_hook_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in hooks.items() if v},
     )
     print(f"{'variant':16}{'us/layer call':>15}{'over plain':>12}{'ms per call, all layers':>26}")
     for name in VARIANTS:

@@ -43,6 +43,7 @@ def test_bench_host_overhead_times_every_variant(run):
     assert set(result["us_per_layer_call"]) == {"plain", "lycoris", "lycoris_bypass", "low_memory", "fold"}
     assert set(result["us_mask_update_per_call"]) == {"lycoris", "lycoris_bypass", "low_memory", "fold"}
     assert result["us_fold_write_check_per_call"] > 0
+    assert set(result["us_hook_per_call"]) == set(result["us_mask_update_per_call"])
 
 
 def test_cost_model_counts_each_layer_once(run):
@@ -62,3 +63,11 @@ def test_bench_startup_times_fresh_processes(run):
     (result,) = run("bench_startup.py", "--reps", "1", "--cases", "help")
     assert list(result["median_seconds"]) == ["tlora-hooks --help"]
     assert result["median_seconds"]["tlora-hooks --help"] > 0
+
+
+def test_bench_train_times_every_variant_and_its_gradients_equal_the_lycoris_loop(run):
+    (result,) = run("bench_train.py", "--size", "tiny", "--reps", "1", "--rank", "8")
+    assert set(result["s_per_step"]) == {"tlora_hooks", "lycoris_loop", "peft_lora"}
+    assert all(seconds > 0 for seconds in result["s_per_step"].values())
+    assert all(size > 0 for size in result["saved_for_backward_mib"].values())
+    assert result["mode"] == "fold" and result["rel_grad_diff_vs_lycoris_loop"] <= 1e-4  # fp32 on CPU

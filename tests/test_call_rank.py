@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from conftest import lycoris_rank
+from tlora_hooks import TLoRAError
 from tlora_hooks.call_rank import CallRank, snap
 from tlora_hooks.conventions import ConventionChoice, row_for
 from tlora_hooks.schedule import RankSchedule
@@ -103,3 +104,47 @@ def test_snap_and_masks_work_per_sample():
     expected = [lycoris_rank(float(t), 1000, 1000) for t in steps]
     assert masks.sum(dim=1).long().tolist() == expected
     assert expected != [lycoris_rank(float(value) * 1000, 1000, 1000) for value in received.float()], "unsnapped"
+
+
+# -- training calls: one mask row per sample -----------------------------------------------------------------------
+def sample_ranks(chooser: CallRank, value, batch: int, scheduler=None) -> list[int]:
+    masks = chooser.sample_masks(value, scheduler, CPU, batch)
+    assert masks.dtype == torch.float32 and masks.shape[1] == chooser.schedule.max_rank
+    return masks.sum(dim=1).long().tolist()
+
+
+def test_flux_training_timesteps_over_1000_give_the_rank_of_int_t_for_every_whole_step():
+    """`timestep=timesteps / 1000` in fp32: 251 / 1000 * 1000 is 250.99998 in float32, but its rank is int(251)'s."""
+    whole = torch.arange(1001, dtype=torch.float32)
+    chooser = call_rank("FluxTransformer2DModel", max_rank=1000)
+    assert sample_ranks(chooser, whole / 1000, 1001) == [lycoris_rank(int(t), 1000, 1000) for t in whole.tolist()]
+    assert ((whole / 1000) * 1000).floor().ne(whole).any(), "float32 rounding must move a step, or this shows nothing"
+    drawn = torch.tensor([437.6, 12.3, 999.9])
+    assert sample_ranks(chooser, drawn / 1000, 3) == [lycoris_rank(int(t), 1000, 1000) for t in (437.6, 12.3, 999.9)]
+
+
+def test_training_timesteps_are_not_snapped_to_the_inference_schedule():
+    scheduler = flow_scheduler(4)
+    chooser = call_rank("FluxTransformer2DModel", max_rank=1000)
+    t = float(scheduler.timesteps[1]) + 7.5
+    assert sample_ranks(chooser, torch.tensor([t]) / 1000, 1, scheduler) == [lycoris_rank(int(t), 1000, 1000)]
+
+
+def test_per_token_training_timesteps_reduce_per_sample():
+    """Wan 2.2 TI2V: (B, tokens), conditioning tokens at 0; each sample's rank is its noisiest token's."""
+    chooser = call_rank("WanTransformer3DModel", max_rank=8)
+    per_token = torch.tensor([[0.0, 999.0, 999.0], [0.0, 400.0, 400.0], [0.0, 50.0, 50.0]])
+    assert sample_ranks(chooser, per_token, 3) == [lycoris_rank(t, 1000, 8) for t in (999, 400, 50)]
+
+
+@pytest.mark.parametrize("value", [torch.tensor(400), torch.tensor([400]), torch.tensor([[0, 400, 400]]), 400])
+def test_one_training_timestep_gives_one_row_for_the_whole_batch(value):
+    chooser = call_rank("UNet2DConditionModel", max_rank=8)
+    assert sample_ranks(chooser, value, 4) == [lycoris_rank(400, 1000, 8)]
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 5), (0,)])
+def test_a_training_timestep_neither_one_nor_per_sample_raises(shape):
+    chooser = call_rank("UNet2DConditionModel", max_rank=8)
+    with pytest.raises(TLoRAError, match="batch has 4 samples"):
+        chooser.sample_masks(torch.full(shape, 400), None, CPU, 4)

@@ -1,9 +1,9 @@
 """Where the rank of a denoiser call is chosen: the value the call received -> the scheduler's noise-ward timestep
 (through the convention row) -> snapped to `scheduler.timesteps` -> the rank -> its mask, all on the device.
 
-Plain tensors and a scheduler in, a mask out; the hooks only read the call and hand the mask to the mode. The steps
-after the reduction work elementwise (`snap`, `CallRank.masks`), so a per-sample variant ((B, max_rank) masks from
-one timestep per sample) can reduce over each sample's tokens instead and reuse them unchanged.
+Plain tensors and a scheduler in, a mask out; the hooks only read the call and hand the mask to the mode. A training
+call (`CallRank.sample_masks`) takes the same road without the snap, one row per sample: the received values ->
+the noise-ward timesteps (the same convention row) -> reduced over each sample's tokens -> int(t) -> the ranks.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .conventions import REDUCTIONS, ConventionChoice, TimestepConvention
+from .errors import TLoRAError
 from .logging import get_logger
 from .schedule import RankSchedule, masks_by_rank
 
@@ -84,6 +85,27 @@ class CallRank:
         timestep = REDUCTIONS[convention.reduce](timesteps.reshape(-1))
         return snap(timestep, received, convention, scheduler, max_timestep), max_timestep
 
+    def sample_masks(self, value: Any, scheduler: Any, device: torch.device, batch: int) -> torch.Tensor:
+        """The masks of a training call: one fp32 row per sample, (batch, max_rank), or (1, max_rank) when one
+        timestep serves the whole batch (a 0-d value, or a leading dim of 1).
+
+        No snapping: training draws timesteps anywhere, not on `scheduler.timesteps`. The row's map still applies
+        (Flux's t/1000 back to t); per-token values reduce per sample (the row's reduction over that sample's
+        tokens); the rank is that of int(t), as SimpleTuner's `apply_tlora_timestep_mask` takes it, after values
+        within `SNAP_FLOOR` of a whole step are read as that step (the float32 rounding of t/1000 * 1000).
+        """
+        received = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
+        rows = sample_rows(received, batch, self.name)
+        convention = self.convention.for_scheduler(scheduler)
+        timesteps = convention.to_timestep(received.to(torch.float32)).reshape(rows, -1)
+        max_timestep = num_train_timesteps(scheduler)
+        self._warn_if_out_of_range(timesteps, max_timestep)
+        per_sample = REDUCTIONS[convention.reduce](timesteps, dim=1)
+        per_sample = torch.nan_to_num(per_sample, nan=float(max_timestep)).clamp(0, max_timestep)
+        whole = per_sample.round()
+        per_sample = torch.where((per_sample - whole).abs() <= SNAP_FLOOR, whole, per_sample)
+        return self.masks(per_sample, max_timestep, torch.float32).to(device, non_blocking=True)
+
     def masks(self, timesteps: torch.Tensor, max_timestep: int, dtype: torch.dtype) -> torch.Tensor:
         """One mask row per valid noise-ward timestep: (N, max_rank) for N timesteps, (1, max_rank) for a 0-d one."""
         rank_by_timestep, mask_by_rank = self._tables_for(timesteps.device, max_timestep, dtype)
@@ -125,6 +147,21 @@ class CallRank:
                 "timestep_fn= to enable_tlora. (Warned once per enable_tlora.)",
                 self.name, bad, max_timestep, self.schedule.min_rank, self.schedule.max_rank,
             )
+
+
+def sample_rows(received: torch.Tensor, batch: int, name: str) -> int:
+    """How many mask rows a training call's timestep gives: 1 for one value (0-d, or a leading dim of 1) that
+    serves every sample, `batch` for one value (or one row of per-token values) per sample; raises otherwise."""
+    if received.dim() == 0 or received.shape[0] == 1 and received.numel() > 0:
+        return 1
+    if received.shape[0] == batch and received.numel() > 0:
+        return batch
+    raise TLoRAError(
+        f"T-LoRA {name}: the timestep has shape {tuple(received.shape)}, so {received.shape[0]} values along its "
+        f"first dim, but the batch has {batch} samples (the first dim of the denoiser's first floating-point input "
+        f"other than the timestep). Pass one timestep per sample (shape ({batch},), or ({batch}, tokens) for "
+        "per-token timesteps), or one for the whole batch."
+    )
 
 
 def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

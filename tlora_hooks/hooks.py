@@ -14,8 +14,12 @@ import torch
 from torch import nn
 
 from .call_rank import CallRank
+from .checkpointing import CheckpointWrappers
 from .errors import TLoRAError
 from .modes import MaskMode
+from .modes.lycoris import set_group_mask
+from .modes.per_sample import clear_sample_masks
+from .modes.training import tlora_parameters
 from .thread_guard import ThreadGuard
 
 STATE_ATTRIBUTE = "_tlora_hooks_state"
@@ -28,12 +32,27 @@ def next_mask_group() -> int:
     return next(_group_ids)
 
 
+def clear_group(group_id: int) -> None:
+    """Drop whatever masks a call left in a mask group (LyCORIS's, and the per-sample masks of training calls)."""
+    set_group_mask(None, group_id)
+    clear_sample_masks(group_id)
+
+
 def compute_device(args: tuple, kwargs: dict, fallback: torch.device) -> torch.device:
     """Where the call will run: the device of its first floating-point input."""
     for value in itertools.chain(args, kwargs.values()):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.device
     return fallback
+
+
+def batch_size(args: tuple, kwargs: dict, timestep: Any) -> int:
+    """A training call's batch size: the first dim of its first floating-point tensor input other than the timestep
+    (`sample` / `hidden_states` in diffusers' denoisers), else of the timestep itself."""
+    for value in itertools.chain(args, kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() and value is not timestep:
+            return value.shape[0]
+    return timestep.shape[0] if isinstance(timestep, torch.Tensor) and timestep.dim() else 1
 
 
 class DenoiserHook:
@@ -56,15 +75,15 @@ class DenoiserHook:
         self.denoiser_ref = weakref.ref(denoiser)
         self.guard = ThreadGuard(name)
         self.in_block = False  # owned by an open `with` block, which only its exit may end
+        self.parameters = tlora_parameters(mode.modules)
+        self.checkpoints = CheckpointWrappers(denoiser, self)
         self._handles = [
             denoiser.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
             denoiser.register_forward_hook(self.post_forward, with_kwargs=True, always_call=True),
         ]
         # A mask left set by an interrupted call must not outlive the denoiser in LyCORIS's global storage
         # (the finalizer holds the group number only, so the modules are freed with the denoiser).
-        from lycoris.modules.tlora import clear_timestep_mask
-
-        self._finalizer = weakref.finalize(denoiser, clear_timestep_mask, mode.group_id)
+        self._finalizer = weakref.finalize(denoiser, clear_group, mode.group_id)
         setattr(denoiser, STATE_ATTRIBUTE, self)
 
     # -- per call -------------------------------------------------------------------------------
@@ -76,7 +95,16 @@ class DenoiserHook:
         self.guard.claim()
         value = self.read_timestep(module, args, kwargs)
         device = compute_device(args, kwargs, fallback=_parameter_device(module))
-        self.mode.set_mask(self.mask_for(value, device))
+        if torch.is_grad_enabled() and self.trains():  # grad mode first: inference calls skip the scan
+            batch = batch_size(args, kwargs, value)
+            self.mode.set_sample_masks(self.call_rank.sample_masks(value, self.scheduler_source(), device, batch))
+            self.checkpoints.wrap()
+        else:
+            self.mode.set_mask(self.mask_for(value, device))
+
+    def trains(self) -> bool:
+        """A call with autograd recording is a training call when some T-LoRA parameter requires grad."""
+        return any(parameter.requires_grad for parameter in self.parameters)
 
     @torch.compiler.disable
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -100,6 +128,7 @@ class DenoiserHook:
             handle.remove()
         self._handles = []
         self._finalizer.detach()
+        self.checkpoints.unwrap()
         self.mode.remove()
         self.call_rank.clear()
         self.guard.reset()

@@ -12,6 +12,8 @@
   H200 for SDXL's 700 modules: the bypass costs Python per module per call. See benchmarks/RESULTS.md.)
 Modules no fast mode reproduces (convolutions, dropout active in training mode) stay on LyCORIS's forward: `build.py`
 splits a denoiser's modules between the modes, which `combined.py` drives as one.
+Training calls (autograd recording, a trainable adapter): `training.py` routes every module of a fast mode into the
+per-sample forward (`per_sample.py`), one mask per sample; `"lycoris"` keeps one mask per call.
 """
 
 from .build import MODES, build_mode, check_mode

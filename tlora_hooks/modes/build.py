@@ -16,6 +16,7 @@ from .fold import FoldMode
 from .low_memory import LowMemoryMode
 from .lycoris import LycorisMode
 from .protocol import MaskMode, ModeFactory
+from .training import TrainingMode
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
@@ -58,7 +59,7 @@ def _low_memory(modules, group_id, denoiser=None) -> MaskMode:
     fold, bypass, rest = split(modules, denoiser)
     fast = fold + bypass
     parts = [LowMemoryMode(fast, group_id)] if fast else []
-    return CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id)
+    return TrainingMode(CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id), modules, group_id)
 
 
 def _fold(modules, group_id, denoiser=None) -> MaskMode:
@@ -66,7 +67,7 @@ def _fold(modules, group_id, denoiser=None) -> MaskMode:
     parts = [FoldMode(fold, group_id, denoiser)] if fold else []
     if bypass:
         parts.append(LowMemoryMode(bypass, group_id))
-    return CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id)
+    return TrainingMode(CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id), modules, group_id)
 
 
 MODES: dict[str, ModeFactory] = {

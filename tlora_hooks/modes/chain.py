@@ -68,13 +68,13 @@ class BypassOverride:
         self.module = module
         self._had_instance_bypass = "bypass_forward" in module.__dict__
         self._instance_bypass = module.__dict__.get("bypass_forward")
-        self._bypass_mode = module.bypass_mode
+        self.bypass_mode_before = module.bypass_mode
         module.bypass_forward = delta_forward
         module.bypass_mode = True
 
     def restore(self) -> None:
         module = self.module
-        module.bypass_mode = self._bypass_mode
+        module.bypass_mode = self.bypass_mode_before
         if self._had_instance_bypass:
             module.bypass_forward = self._instance_bypass
         else:

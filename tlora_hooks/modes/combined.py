@@ -32,6 +32,10 @@ class CombinedMode:
         for part in self.parts:
             part.clear_mask()
 
+    def refresh(self) -> None:
+        for part in self.parts:
+            part.refresh()
+
     def remove(self) -> None:
         while self.parts:
             self.parts.pop().remove()

@@ -23,16 +23,27 @@ def delta_factors(module: TLoraModule, device: torch.device, dtype: torch.dtype)
     """
     with torch.no_grad():
         source = module.q_layer.weight.device
-        q = module.q_layer.weight.detach().to(source, torch.float32)
-        p = module.p_layer.weight.detach().to(source, torch.float32)
-        q0 = module.base_q.detach().to(source, torch.float32)
-        p0 = module.base_p.detach().to(source, torch.float32)
-        lam = module.lambda_layer.detach().to(source, torch.float32).reshape(1, -1)
-        lam0 = module.base_lambda.detach().to(source, torch.float32).reshape(1, -1)
-        scale = float(module.scale) * float(module.multiplier)
-        a = torch.cat([q, q - q0], dim=0)
-        b = torch.cat([p * lam - p0 * lam0, p0 * lam0], dim=1) * scale
+        terms = (term.detach().to(source, torch.float32) for term in factor_terms(module))
+        a, b = stacked_factors(*terms, scale=float(module.scale) * float(module.multiplier))
         return a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous()
+
+
+def factor_terms(module: TLoraModule) -> tuple[torch.Tensor, ...]:
+    """Q (r, in), P (out, r), λ (1, r) and their frozen base copies Q₀, P₀, λ₀, as matrices (a convolution's 1×1
+    kernels flattened), still attached to autograd."""
+    rank = module.lora_dim
+    return (
+        module.q_layer.weight.reshape(rank, -1), module.p_layer.weight.reshape(-1, rank),
+        module.lambda_layer.reshape(1, -1),
+        module.base_q.reshape(rank, -1), module.base_p.reshape(-1, rank), module.base_lambda.reshape(1, -1),
+    )
+
+
+def stacked_factors(q, p, lam, q0, p0, lam0, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = [Q; Q − Q₀] (2r, in) and B = s·[Pλ − P₀λ₀, P₀λ₀] (out, 2r): `delta_factors`' form, differentiable in
+    Q, P and λ, so training calls use the same two thin matmuls (see `delta_factors` for why this form)."""
+    base = p0 * lam0
+    return torch.cat([q, q - q0], dim=0), torch.cat([p * lam - base, base], dim=1) * scale
 
 
 def doubled_mask(mask: torch.Tensor, rank: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..discovery import peft_wrapped_layers
@@ -30,6 +31,7 @@ from .chain import ChainLink
 from .factors import base_layer, delta_factors, doubled_mask
 from .low_memory import LowMemoryMode
 from .stacked import StackedMode
+from .training import TrainingRoute
 from .weight_watch import WeightWatch, plain_float, storage_pointer, weight_of
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ class FoldStack:
         self.rank = modules[0].lora_dim
         self.base: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
+        self.trains_base = False  # training calls run the layers' own weights (see `enter_training`)
         with torch.no_grad(), torch.inference_mode(False):
             self._adopt(torch.stack([layer.weight.detach() for layer in self.layers]))
         self._state_hooks = [handle for index in range(len(self.layers)) for handle in self._watch_state(index)]
@@ -71,9 +74,7 @@ class FoldStack:
         for layer, weight in zip(self.layers, stacked):
             layer.weight.data = weight
         self.base = stacked.clone()
-        factors = [delta_factors(module, stacked.device, stacked.dtype) for module in self.modules]
-        self.a = torch.stack([a for a, _ in factors])
-        self.b = torch.stack([b for _, b in factors])
+        self._build_factors()
         # Masking the thinner factor moves fewer bytes.
         self.mask_columns_of_b = self.b.shape[1] <= self.a.shape[2]
         # A fused kernel configuration where one beats baddbmm on this device; None: baddbmm.
@@ -81,11 +82,47 @@ class FoldStack:
             fold_kernel.fastest_config(self.base, self.b, self.a, self.weights)
             if fold_kernel.supports(stacked) else None
         )
-        # The mask last folded, for the fused kernel to skip an unchanged one; NaN: nothing folded yet.
-        self.previous_mask = torch.full((self.b.shape[-1],), float("nan"), device=stacked.device, dtype=stacked.dtype)
         # The doubled mask whose delta the weights hold now; None: they hold W0.
         self.folded_mask: torch.Tensor | None = None
         self.watch = WeightWatch(self.layers)
+
+    def _build_factors(self) -> None:
+        """A and B from the modules' current parameters; the next fold rewrites every weight."""
+        factors = [delta_factors(module, self.base.device, self.base.dtype) for module in self.modules]
+        self.a = torch.stack([a for a, _ in factors])
+        self.b = torch.stack([b for _, b in factors])
+        # The mask last folded, for the fused kernel to skip an unchanged one; NaN: nothing folded yet.
+        self.previous_mask = torch.full_like(self.b[0, 0], float("nan"))
+
+    def refresh(self) -> None:
+        """Rebuild the factors after the T-LoRA parameters changed (training)."""
+        with torch.no_grad(), torch.inference_mode(False):
+            self._build_factors()
+
+    def original_forward(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Layer `index`'s forward with its original weight W0 from the copy, which nothing writes in place: what a
+        training call saves for backward stays valid even if an inference call folds before that backward."""
+        layer = self.layers[index]
+        return lambda x: F.linear(x, self.base[index], layer.bias)
+
+    def enter_training(self) -> None:
+        """Where the base weights themselves train, training calls run the layers' own weights, set to W0, so their
+        gradients and optimizer steps reach them; elsewhere they read W0 from the copy (`original_forward`)."""
+        self.trains_base = any(layer.weight.requires_grad for layer in self.layers)
+        if self.trains_base:
+            self.unfold()
+
+    def leave_training(self) -> None:
+        """W0 follows what training did to the base weights; a backward still pending on them raises (autograd's
+        in-place check) rather than reading the weights the next fold writes."""
+        if not self.trains_base:
+            return
+        with torch.no_grad():
+            self.base.copy_(self.weights)
+        for layer in self.layers:
+            torch.autograd.graph.increment_version(layer.weight)
+        self.watch.remember()  # the steps training took are the new W0, not a write from outside
+        self.trains_base = False
 
     @property
     def device(self) -> torch.device:
@@ -379,6 +416,34 @@ class FoldMode(StackedMode):
         self.evicted = LowMemoryMode(evicted, self.group_id)
         logger.info("T-LoRA fold: a PEFT LoRA wraps %d folded layers; they now run beside their weights "
                     "(low_memory), so fusing or unfusing it writes their own weights.", len(leaving))
+
+    def refresh(self) -> None:
+        for stack in self.stacks:
+            stack.refresh()
+        if self.evicted is not None:
+            self.evicted.refresh()
+
+    def training_routes(self) -> list[TrainingRoute]:
+        """Training calls reach the folded layers' modules again and compute with W0, not the folded weights."""
+        self._refuse_group_offloading()
+        with torch.no_grad():
+            self._follow_peft()
+            for stack in self.stacks:
+                stack.take_outside_writes()
+        links = {id(link.module): link for link in self.links}
+        routes = self.evicted.training_routes() if self.evicted is not None else []
+        for stack in self.stacks:
+            stack.enter_training()
+            for index, module in enumerate(stack.modules):
+                base_forward = module.org_forward if stack.trains_base else stack.original_forward(index)
+                routes.append(TrainingRoute(module, base_forward, links[id(module)], module.bypass_mode))
+        return routes
+
+    def leave_training(self) -> None:
+        for stack in self.stacks:
+            stack.leave_training()
+        if self.evicted is not None:
+            self.evicted.leave_training()
 
     def remove(self) -> None:
         with torch.no_grad():

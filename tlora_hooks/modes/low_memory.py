@@ -21,6 +21,7 @@ from ..logging import get_logger
 from .chain import BypassOverride
 from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
 from .stacked import StackedMode
+from .training import TrainingRoute
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
@@ -155,6 +156,22 @@ class LowMemoryMode(StackedMode):
             for stack in self.stacks:
                 if stack.masked is not None:
                     stack.clear_mask()
+
+    def refresh(self) -> None:
+        """Rebuild the factors after the T-LoRA parameters changed (training); stacks not built yet build later."""
+        for stack in self.stacks:
+            if stack.a is not None:
+                stack.build(stack.a.device)
+
+    def training_routes(self) -> list[TrainingRoute]:
+        """Training calls run each module beside its untouched base layer, as inference calls do."""
+        return [
+            TrainingRoute(override.module, override.module.org_forward, bypass_mode=override.bypass_mode_before)
+            for override in self.overrides
+        ]
+
+    def leave_training(self) -> None:
+        """Nothing to undo: training calls never touch the factors."""
 
     def remove(self) -> None:
         while self.overrides:

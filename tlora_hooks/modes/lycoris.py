@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+from ..errors import TLoRAError
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
@@ -18,9 +21,6 @@ class LycorisMode:
     runs_modules = True
 
     def __init__(self, modules: list[TLoraModule], group_id: int) -> None:
-        from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask
-
-        self._set_timestep_mask, self._clear_timestep_mask = set_timestep_mask, clear_timestep_mask
         self.modules = modules
         self.group_id = group_id
         self._original_groups = [module.mask_group_id for module in modules]
@@ -38,13 +38,64 @@ class LycorisMode:
         return 0
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        self._set_timestep_mask(mask, self.group_id)
+        set_group_mask(mask, self.group_id)
+
+    def set_sample_masks(self, masks: torch.Tensor) -> None:
+        """A training call: LyCORIS holds one mask per call, so every sample must have the same rank."""
+        if masks.shape[0] > 1 and not bool((masks == masks[:1]).all()):
+            ranks = [int(rank) for rank in masks.sum(dim=1).tolist()]
+            raise TLoRAError(
+                f"mode='lycoris' runs LyCORIS's own forward, which holds one mask per call (set_timestep_mask), "
+                f"but the samples of this batch need ranks {ranks}. The default mode trains with one mask per "
+                "sample: enable_tlora(..., mode='auto'). Or give every sample of a batch the same timestep."
+            )
+        self.set_mask(masks[:1].to(self.mask_dtype))
 
     def clear_mask(self) -> None:
-        self._clear_timestep_mask(self.group_id)
+        set_group_mask(None, self.group_id)
+
+    def refresh(self) -> None:
+        """Nothing to rebuild: LyCORIS reads its parameters on every call."""
+
+    def training_routes(self) -> list:
+        """None of its own: inside a fast mode, `TrainingMode` routes the modules this part runs."""
+        return []
+
+    def leave_training(self) -> None:
+        """Nothing to undo."""
+
+    def call_masks(self) -> torch.Tensor | None:
+        """The mask of the running call, for a recompute during backward to set again."""
+        return group_mask(self.group_id)
+
+    @contextmanager
+    def replaying(self, call_masks: torch.Tensor | None) -> Iterator[None]:
+        previous = self.call_masks()
+        set_group_mask(call_masks, self.group_id)
+        try:
+            yield
+        finally:
+            set_group_mask(previous, self.group_id)
 
     def remove(self) -> None:
         """Give the modules back their original mask groups."""
         self.clear_mask()
         for module, group in zip(self.modules, self._original_groups):
             module.mask_group_id = group
+
+
+def group_mask(group_id: int) -> torch.Tensor | None:
+    """The mask set for a group in LyCORIS's storage (imported on first use: LyCORIS is slow to import)."""
+    from lycoris.modules.tlora import get_timestep_mask
+
+    return get_timestep_mask(group_id)
+
+
+def set_group_mask(mask: torch.Tensor | None, group_id: int) -> None:
+    """Set (or, for None, clear) a mask group in LyCORIS's storage."""
+    from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask
+
+    if mask is None:
+        clear_timestep_mask(group_id)
+    else:
+        set_timestep_mask(mask, group_id)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -12,14 +13,23 @@ if TYPE_CHECKING:
 
 
 class MaskMode(Protocol):
-    """A way to run the masked forward: takes a (1, max_rank) mask per call, clears it, undoes everything."""
+    """A way to run the masked forward: takes a (1, max_rank) mask per inference call, the (batch, max_rank) masks
+    of a training call (`set_sample_masks`), clears them, undoes everything. `call_masks()` captures what the running
+    call set and `replaying(...)` sets it again, for a gradient-checkpointing recompute during backward."""
 
     name: str
     mask_dtype: torch.dtype
     extra_memory_bytes: int
     group_id: int
+    modules: list[TLoraModule]
 
     def set_mask(self, mask: torch.Tensor) -> None: ...
+
+    def set_sample_masks(self, masks: torch.Tensor) -> None: ...
+
+    def call_masks(self) -> Any: ...
+
+    def replaying(self, call_masks: Any) -> AbstractContextManager[None]: ...
 
     def clear_mask(self) -> None: ...
 

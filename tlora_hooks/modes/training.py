@@ -1,0 +1,195 @@
+"""Training calls in the fast modes: every module runs the per-sample forward; inference calls run the fast mode.
+
+A fast mode (fold, low_memory, and LyCORIS's forward for the modules they do not take) serves inference as built.
+On a training call every module is routed through LyCORIS's forward into `PerSampleForward`. Folded layers compute
+with their original weight W0, never with the folded weights: from the fold's copy, which nothing writes in place,
+so autograd's saved tensors stay valid (where the base weights train too, from their own weights set to W0).
+The routing is switched when calls alternate between training and inference (validation), not on every call, so the
+per-call cost of either kind stays where it was. The fast modes' factors snapshot the T-LoRA parameters; once a
+training call has run, every inference call compares the parameters' version counters (bumped by every in-place
+update: `optimizer.step()`, `load_state_dict`) with those of the snapshot and rebuilds the factors when they moved.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+
+from .chain import BypassOverride, ChainLink
+from .lycoris import group_mask, set_group_mask
+from .per_sample import (
+    PerSampleForward,
+    SampleMasks,
+    clear_sample_masks,
+    get_sample_masks,
+    set_sample_masks,
+)
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
+
+
+@dataclass(frozen=True)
+class TrainingRoute:
+    """How a training call reaches one module: `base_forward` gives the layer's output without the module's delta;
+    `link` is the chain link a fold unlinked (relinked for training); `bypass_mode` is the user's own setting."""
+
+    module: TLoraModule
+    base_forward: Callable[[torch.Tensor], torch.Tensor]
+    link: ChainLink | None = None
+    bypass_mode: bool | None = None
+
+
+class InstalledRoute:
+    """A route in place: the module back in its layer's forward chain, its bypass branch running the per-sample
+    forward. `remove()` undoes exactly that."""
+
+    def __init__(self, route: TrainingRoute) -> None:
+        self.route = route
+        if route.link is not None:
+            setattr(route.link.holder, route.link.attribute, route.module.forward)
+        self.override = BypassOverride(
+            route.module, PerSampleForward(route.module, route.base_forward, dropout=bool(route.bypass_mode))
+        )
+
+    def remove(self) -> None:
+        self.override.restore()
+        link = self.route.link
+        if link is not None:
+            setattr(link.holder, link.attribute, link.bypassing)
+
+
+def tlora_parameters(modules: list[TLoraModule]) -> list[torch.nn.Parameter]:
+    """The trainable tensors of T-LoRA modules (LyCORIS `weight_list`, less the `alpha` buffer)."""
+    return [p for m in modules for p in (m.q_layer.weight, m.p_layer.weight, m.lambda_layer)]
+
+
+class TrainingMode:
+    """A fast mode that also trains: see the module docstring.
+
+    Args:
+        inner: The fast mode as built (a `CombinedMode` of fold / low_memory / LyCORIS's forward).
+        modules: Every T-LoRA module of the denoiser.
+        group_id: The denoiser's LyCORIS mask group.
+    """
+
+    def __init__(self, inner: Any, modules: list[TLoraModule], group_id: int) -> None:
+        self.inner = inner
+        self.modules = modules
+        self.group_id = group_id
+        self.parameters = tlora_parameters(modules)
+        self._routes: list[InstalledRoute] = []
+        self._trained = False
+        self._versions = self._parameter_versions()
+
+    # -- what the hooks and the handle read ----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def parts(self) -> list:
+        return self.inner.parts
+
+    @property
+    def mask_dtype(self) -> torch.dtype:
+        return self.inner.mask_dtype
+
+    @property
+    def extra_memory_bytes(self) -> int:
+        return self.inner.extra_memory_bytes
+
+    @property
+    def routed_for_training(self) -> bool:
+        return bool(self._routes)
+
+    # -- per call ------------------------------------------------------------------------------------------------
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """An inference call: the fast mode, with factors rebuilt where training changed the parameters."""
+        if self._routes:
+            self._leave_training()
+        if self._trained:
+            self._refresh_if_changed()
+        self.inner.set_mask(mask)
+
+    def set_sample_masks(self, masks: torch.Tensor) -> None:
+        """A training call: every module masks each sample by its own rank."""
+        if not self._routes:
+            self._enter_training()
+        self._trained = True
+        set_sample_masks(SampleMasks(masks), self.group_id)
+
+    def clear_mask(self) -> None:
+        clear_sample_masks(self.group_id)
+        if not self._routes:
+            self.inner.clear_mask()
+
+    def remove(self) -> None:
+        if self._routes:
+            self._leave_training()
+        clear_sample_masks(self.group_id)
+        self.inner.remove()
+
+    # -- gradient checkpointing ----------------------------------------------------------------------------------
+    def call_masks(self) -> tuple:
+        """What the running call set, for a recompute during backward to set again."""
+        return get_sample_masks(self.group_id), group_mask(self.group_id)
+
+    @contextmanager
+    def replaying(self, call_masks: tuple) -> Iterator[None]:
+        """Run with a forward's masks (and the training routing, if that forward trained) set again."""
+        previous = self.call_masks()
+        if call_masks[0] is not None and not self._routes:
+            self._enter_training()
+        _install(call_masks, self.group_id)
+        try:
+            yield
+        finally:
+            _install(previous, self.group_id)
+
+    # -- routing -------------------------------------------------------------------------------------------------
+    def _enter_training(self) -> None:
+        """Route every module into the per-sample forward (enable_tlora already refused what it cannot run)."""
+        try:
+            for route in self._training_routes():
+                self._routes.append(InstalledRoute(route))
+        except BaseException:
+            self._leave_training()
+            raise
+
+    def _leave_training(self) -> None:
+        while self._routes:
+            self._routes.pop().remove()
+        for part in self.inner.parts:
+            part.leave_training()
+
+    def _training_routes(self) -> list[TrainingRoute]:
+        """A route for every module: the fast parts say how to reach theirs; LyCORIS's forward runs the rest."""
+        routes = [route for part in self.inner.parts for route in part.training_routes()]
+        taken = {id(route.module) for route in routes}
+        return routes + [
+            TrainingRoute(module, module.org_forward, bypass_mode=module.bypass_mode)
+            for module in self.modules
+            if id(module) not in taken
+        ]
+
+    def _parameter_versions(self) -> tuple[int, ...]:
+        return tuple(parameter._version for parameter in self.parameters)
+
+    def _refresh_if_changed(self) -> None:
+        versions = self._parameter_versions()
+        if versions != self._versions:
+            self.inner.refresh()
+            self._versions = versions
+
+
+def _install(call_masks: tuple, group_id: int) -> None:
+    sample, lycoris_mask = call_masks
+    if sample is None:
+        clear_sample_masks(group_id)
+    else:
+        set_sample_masks(sample, group_id)
+    set_group_mask(lycoris_mask, group_id)

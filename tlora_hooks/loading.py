@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lycoris import LycorisNetwork
-from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
 from .api import enable_tlora
@@ -22,44 +21,52 @@ from .conventions import plan_timestep_reading
 from .discovery import applied_tlora_modules, components_of, is_pipeline
 from .errors import TLoRAError
 from .formats import ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
+from .formats.lycoris import training_config
 from .hooks import TLoRAHandle, installed_hook
 from .logging_utils import get_logger
 from .matching import Match, match_file
 from .modes import check_mode
+from .registration import register_network, unregister_network
 from .schedule import RankSchedule
+from .tlora_module import TLoraModuleWithoutSvd
 
 logger = get_logger(__name__)
 
 LOAD_RECORD_ATTRIBUTE = "_tlora_hooks_loaded"
-
-
-class TLoraModuleWithoutSvd(TLoraModule):
-    """LyCORIS's TLoraModule, with its forward and mask API, built without its per-module SVD (and `gc.collect()`):
-    `load_tlora` fills it from the file or the batched rebuild."""
-
-    def _initialize_from_svd(self, org_module: nn.Module, in_dim: int, out_dim: int, flat_in_dim: int) -> None:
-        """Keep the freshly allocated tensors; the file (or the batched rebuild) provides every value."""
+# The record of a network made by load_tlora or create_tlora, on the network itself, for save_tlora.
+NETWORK_RECORD_ATTRIBUTE = "_tlora_hooks_record"
 
 
 @dataclass
 class LoadRecord:
-    """What `load_tlora` put on one denoiser, kept on it so `unload_tlora` can undo exactly that."""
+    """What `load_tlora` (or `create_tlora`) put on one denoiser, kept on it so `unload_tlora` can undo exactly that.
+
+    `path` is None for a network `create_tlora` made; `config` is the LyCORIS config `save_tlora` writes.
+    """
 
     network: LycorisNetwork
-    path: str
+    path: str | None
     format: str
     enable_kwargs: dict[str, Any]
+    adapter_name: str = "default"
+    config: dict[str, Any] = field(default_factory=dict)
     # layer -> its own instance `forward` before LyCORIS wrapped it (None: it had none, the class's ran).
     original_forwards: list[tuple[nn.Module, Any]] = field(default_factory=list)
 
-    def attach(self) -> None:
+    def __post_init__(self) -> None:
+        self.network.__dict__[NETWORK_RECORD_ATTRIBUTE] = self
+
+    def attach(self, denoiser: nn.Module) -> None:
+        """LyCORIS's `apply_to()`, and the network registered under the denoiser (`registration.py`)."""
         self.original_forwards = [
             (lora.org_module[0], lora.org_module[0].__dict__.get("forward")) for lora in self.network.loras
         ]
         self.network.apply_to()
+        register_network(denoiser, self.adapter_name, self.network)
 
-    def detach(self) -> None:
-        """LyCORIS's `restore()`, then the layers' own attributes exactly as they were."""
+    def detach(self, denoiser: nn.Module) -> None:
+        """LyCORIS's `restore()`, then the layers' own attributes and the denoiser's module tree as they were."""
+        unregister_network(denoiser, self.adapter_name)
         self.network.restore()
         for layer, forward in self.original_forwards:
             if "_lycoris_wrappers" in layer.__dict__:
@@ -135,6 +142,7 @@ def load_tlora(
         ),
         path=tlora_file.path,
         format=tlora_file.format,
+        config=training_config(tlora_file.metadata),
         enable_kwargs=dict(
             max_rank=schedule.max_rank, min_rank=schedule.min_rank, alpha=schedule.alpha, mode=mode,
             timestep_fn=timestep_fn, scheduler=scheduler,
@@ -150,12 +158,13 @@ def load_tlora(
 
 
 def unload_tlora(target: Any) -> None:
-    """Remove what `load_tlora` put on a pipeline or denoiser (modules and hooks); a no-op where nothing is loaded.
+    """Remove what `load_tlora` or `create_tlora` put on a pipeline or denoiser (modules, their registration under
+    the denoiser, and hooks); a no-op where nothing is loaded.
 
-    The layers get their own forwards back exactly, as before `load_tlora`.
+    The layers get their own forwards back, and the denoiser its module tree and state dict, exactly as before.
 
     Args:
-        target: The pipeline, or the denoiser, `load_tlora` was called on.
+        target: The pipeline, or the denoiser, `load_tlora` or `create_tlora` was called on.
     """
     for denoiser in components_of(target).values():
         record = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
@@ -252,6 +261,7 @@ def _fill(module: TLoraModuleWithoutSvd, weights: ModuleWeights) -> None:
     module.lambda_layer.copy_(weights.lam.reshape(module.lambda_layer.shape))
     module.alpha.fill_(weights.alpha)
     module.dtype_tensor.zero_()
+    module.base_from_weights = weights.base is None
     if weights.base is not None:
         module.base_q.copy_(weights.base.q.reshape(module.base_q.shape))
         module.base_p.copy_(weights.base.p.reshape(module.base_p.shape))
@@ -264,18 +274,36 @@ def _swap_in(target: Any, match: Match, record: LoadRecord) -> TLoRAHandle:
     previous = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
     if previous is not None:
         _remove(denoiser, previous)
-    record.attach()
+    record.attach(denoiser)
     try:
         handle = _enable(target, match.component, record)
     except BaseException:
-        record.detach()
+        record.detach(denoiser)
         if previous is not None:
-            previous.attach()
+            previous.attach(denoiser)
             _enable(target, match.component, previous)
             denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = previous
         raise
     denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = record
     return handle
+
+
+def replace_adapter(target: Any, match: Match, build: Callable[[], LoadRecord]) -> TLoRAHandle:
+    """Take what is loaded off the denoiser (hooks and modules), `build()` a record on the model alone, apply it and
+    enable its hooks; on any failure put the previous adapter back exactly as it was."""
+    _refuse_foreign_modules(match)
+    denoiser = match.denoiser
+    previous = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
+    if previous is not None:
+        _remove(denoiser, previous)
+    try:
+        return _swap_in(target, match, build())
+    except BaseException:
+        if previous is not None and denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE) is None:
+            previous.attach(denoiser)
+            _enable(target, match.component, previous)
+            denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = previous
+        raise
 
 
 def _enable(target: Any, component: str, record: LoadRecord) -> TLoRAHandle:
@@ -287,5 +315,5 @@ def _remove(denoiser: nn.Module, record: LoadRecord) -> None:
     hook = installed_hook(denoiser)
     if hook is not None:
         hook.remove()
-    record.detach()
+    record.detach(denoiser)
     denoiser.__dict__.pop(LOAD_RECORD_ATTRIBUTE, None)

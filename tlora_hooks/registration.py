@@ -1,0 +1,58 @@
+"""T-LoRA networks registered under their denoiser, as PEFT's injected layers are, so torch sees their parameters.
+
+LyCORIS keeps its modules outside the model (`org_module` is a plain list), so `denoiser.parameters()`, `pipe.to(...)`,
+`DistributedDataParallel(denoiser)` and `denoiser.state_dict()` miss them. `create_tlora` and `load_tlora` add the
+applied network as the child `tlora.<adapter_name>` of the denoiser: its parameters are then named
+`tlora.<adapter_name>.lycoris_<layer path>.q_layer.weight`, ... (LyCORIS's own file keys behind the prefix), move and
+cast with the denoiser, and are synchronised by data-parallel wrappers. Removing the last adapter removes the child,
+so the module tree and the state dict are exactly the original ones again.
+"""
+
+from __future__ import annotations
+
+from lycoris import LycorisNetwork
+from torch import nn
+
+from .errors import TLoRAError
+
+ADAPTERS_ATTRIBUTE = "tlora"
+
+
+class TLoraAdapters(nn.ModuleDict):
+    """The registered T-LoRA networks of one denoiser, by adapter name."""
+
+
+def register_network(denoiser: nn.Module, adapter_name: str, network: LycorisNetwork) -> None:
+    """Make `network` the child `tlora.<adapter_name>` of `denoiser`."""
+    adapters = denoiser._modules.get(ADAPTERS_ATTRIBUTE)
+    if adapters is None:
+        if ADAPTERS_ATTRIBUTE in denoiser.__dict__ or ADAPTERS_ATTRIBUTE in denoiser._parameters:
+            raise TLoRAError(
+                f"{type(denoiser).__name__} already has an attribute {ADAPTERS_ATTRIBUTE!r}; the T-LoRA parameters "
+                "cannot be registered under it."
+            )
+        adapters = TLoraAdapters()
+        denoiser.add_module(ADAPTERS_ATTRIBUTE, adapters)
+    elif not isinstance(adapters, TLoraAdapters):
+        raise TLoRAError(
+            f"{type(denoiser).__name__} already has a submodule {ADAPTERS_ATTRIBUTE!r} that tlora_hooks did not add; "
+            "the T-LoRA parameters cannot be registered under it."
+        )
+    adapters[adapter_name] = network
+
+
+def unregister_network(denoiser: nn.Module, adapter_name: str) -> None:
+    """Remove `tlora.<adapter_name>`, and `tlora` itself once empty; a no-op where it is not registered."""
+    adapters = denoiser._modules.get(ADAPTERS_ATTRIBUTE)
+    if not isinstance(adapters, TLoraAdapters):
+        return
+    if adapter_name in adapters:
+        del adapters[adapter_name]
+    if not len(adapters):
+        del denoiser._modules[ADAPTERS_ATTRIBUTE]
+
+
+def registered_networks(denoiser: nn.Module) -> dict[str, LycorisNetwork]:
+    """The T-LoRA networks registered under `denoiser`, by adapter name."""
+    adapters = denoiser._modules.get(ADAPTERS_ATTRIBUTE)
+    return dict(adapters.items()) if isinstance(adapters, TLoraAdapters) else {}

@@ -151,5 +151,5 @@ def test_what_save_tlora_refuses(tmp_path):
     assert isinstance(hand_made, LycorisNetwork)
     hand_made.restore()
     network = create_tlora(pipe, CONFIG)
-    with pytest.raises(TLoRAError, match="ending in .safetensors"):
+    with pytest.raises(TLoRAError, match="a .safetensors path or a folder"):
         save_tlora(network, tmp_path / "x.pt")

@@ -207,8 +207,9 @@ def _refuse_foreign_modules(match: Match) -> None:
     foreign = [module for module in applied_tlora_modules(match.denoiser) if id(module) not in ours]
     if foreign:
         raise TLoRAError(
-            f"{match.component} already holds {len(foreign)} T-LoRA modules that load_tlora did not load. Remove them "
-            "first (`network.restore()` on the LyCORIS network that applied them), then load the file."
+            f"{match.component} already holds {len(foreign)} T-LoRA modules that load_tlora or create_tlora did not "
+            "put there. Remove them first (`network.restore()` on the LyCORIS network that applied them), then load "
+            "the file."
         )
 
 

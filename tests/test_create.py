@@ -374,3 +374,23 @@ def test_two_experts_need_a_component():
         create_tlora(pipe, config())
     network = create_tlora(pipe, config(), component="transformer_2")
     assert pipe.transformer_2.tlora["default"] is network and "tlora" not in pipe.transformer._modules
+
+
+@pytest.mark.parametrize("mode", ["lycoris", "low_memory"])
+def test_sequential_offload_leaves_the_registered_adapter_its_weights(mode):
+    """accelerate's sequential offload (here on the CPU) puts the weights of every module holding tensors on the
+    meta device outside its own forward; LyCORIS reads the adapter's without calling those modules, so the adapter is
+    taken back out before each call, and the output is the unoffloaded one."""
+    from accelerate import cpu_offload
+
+    outputs = []
+    for offload in (False, True):
+        pipe, kw = tiny.sdxl(rank=None, steps=2)
+        network = create_tlora(pipe, config(), mode=mode)
+        tiny_perturb(network)
+        if offload:
+            cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+            assert all(p.device.type == "meta" for p in network.parameters())
+        outputs.append(run(pipe, kw, latents()))
+        assert all(p.device.type == "cpu" for p in network.parameters())
+    assert torch.equal(*outputs)

@@ -73,7 +73,9 @@ class TLoraConfig:
         try:
             json.dumps(raw)
         except (TypeError, ValueError) as error:
-            raise TLoRAError(f"The config must be plain JSON values (it is saved in the file's metadata): {error}.")
+            raise TLoRAError(
+                f"The config must be plain JSON values (it is saved in the file's metadata): {error}."
+            ) from None
         if kwargs.get("train_norm"):
             raise TLoRAError("train_norm adds LyCORIS norm modules, which are not T-LoRA modules; remove it.")
         return cls(schedule, linear_alpha, multiplier, raw.get("apply_preset"), kwargs)

@@ -71,3 +71,10 @@ def test_bench_train_times_every_variant_and_its_gradients_equal_the_lycoris_loo
     assert all(seconds > 0 for seconds in result["s_per_step"].values())
     assert all(size > 0 for size in result["saved_for_backward_mib"].values())
     assert result["mode"] == "fold" and result["rel_grad_diff_vs_lycoris_loop"] <= 1e-4  # fp32 on CPU
+
+
+def test_bench_create_builds_what_lycoris_builds(run):
+    (result,) = run("bench_create.py", "--size", "tiny", "--reps", "1", "--rank", "8", "--lycoris-modules", "2")
+    assert result["lycoris_modules_timed"] == 2 and result["modules"] > 2
+    assert result["create_tlora_s"] > 0 and result["lycoris_s"] > 0 and result["lycoris_no_gc_s"] > 0
+    assert result["max_rel_product_difference"] < 1e-4 and result["max_rel_lambda_difference"] < 1e-5

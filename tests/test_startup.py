@@ -15,8 +15,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("torch", "diffusers", "lycoris", "peft", "transformers", "accelerate")
-PUBLIC = "RankSchedule, TLoRAError, TLoRAHandle, TimestepConvention, disable_tlora, enable_tlora, load_tlora, " \
-    "rank_for_timestep, register_convention, unload_tlora"
+PUBLIC = "RankSchedule, TLoRAError, TLoRAHandle, TimestepConvention, create_tlora, disable_tlora, enable_tlora, " \
+    "load_tlora, rank_for_timestep, register_convention, save_tlora, unload_tlora"
 
 
 def imported_after(code: str) -> set[str]:

@@ -17,11 +17,13 @@ _EXPORTS = {
     "TLoRAError": "errors",
     "TLoRAHandle": "hooks",
     "TimestepConvention": "conventions",
+    "create_tlora": "creation",
     "disable_tlora": "api",
     "enable_tlora": "api",
     "load_tlora": "loading",
     "rank_for_timestep": "schedule",
     "register_convention": "conventions",
+    "save_tlora": "saving",
     "unload_tlora": "loading",
 }
 
@@ -30,20 +32,24 @@ __all__ = [
     "TLoRAError",
     "TLoRAHandle",
     "TimestepConvention",
+    "create_tlora",
     "disable_tlora",
     "enable_tlora",
     "load_tlora",
     "rank_for_timestep",
     "register_convention",
+    "save_tlora",
     "unload_tlora",
 ]
 
 if TYPE_CHECKING:
     from .api import disable_tlora, enable_tlora
     from .conventions import TimestepConvention, register_convention
+    from .creation import create_tlora
     from .errors import TLoRAError
     from .hooks import TLoRAHandle
     from .loading import load_tlora, unload_tlora
+    from .saving import save_tlora
     from .schedule import RankSchedule, rank_for_timestep
 
 

@@ -21,10 +21,12 @@ from .conventions import plan_timestep_reading
 from .discovery import applied_tlora_modules, components_of, is_pipeline, peft_base_layer
 from .errors import TLoRAError
 from .formats import ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
+from .formats.lycoris import training_config
 from .hooks import TLoRAHandle, installed_hook, refuse_inside_open_block
 from .logging import get_logger
 from .matching import Match, match_file
 from .modes import check_mode
+from .registration import register_network, unregister_network
 from .schedule import RankSchedule
 
 if TYPE_CHECKING:
@@ -35,27 +37,40 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 LOAD_RECORD_ATTRIBUTE = "_tlora_hooks_loaded"
+# The record of a network made by load_tlora or create_tlora, on the network itself, for save_tlora.
+NETWORK_RECORD_ATTRIBUTE = "_tlora_hooks_record"
 
 
 @dataclass
 class LoadRecord:
-    """What `load_tlora` put on one denoiser, kept on it so `unload_tlora` can undo exactly that."""
+    """What `load_tlora` (or `create_tlora`) put on one denoiser, kept on it so `unload_tlora` can undo exactly that.
+
+    `path` is None for a network `create_tlora` made; `config` is the LyCORIS config `save_tlora` writes.
+    """
 
     network: LycorisNetwork
-    path: str
+    path: str | None
     format: str
     enable_kwargs: dict[str, Any]
+    adapter_name: str = "default"
+    config: dict[str, Any] = field(default_factory=dict)
     # layer -> its own instance `forward` before LyCORIS wrapped it (None: it had none, the class's ran).
     original_forwards: list[tuple[nn.Module, Any]] = field(default_factory=list)
 
-    def attach(self) -> None:
+    def __post_init__(self) -> None:
+        self.network.__dict__[NETWORK_RECORD_ATTRIBUTE] = self
+
+    def attach(self, denoiser: nn.Module) -> None:
+        """LyCORIS's `apply_to()`, and the network registered under the denoiser (`registration.py`)."""
         self.original_forwards = [
             (lora.org_module[0], lora.org_module[0].__dict__.get("forward")) for lora in self.network.loras
         ]
         self.network.apply_to()
+        register_network(denoiser, self.adapter_name, self.network)
 
-    def detach(self) -> None:
-        """LyCORIS's `restore()`, then the layers' own attributes exactly as they were."""
+    def detach(self, denoiser: nn.Module) -> None:
+        """LyCORIS's `restore()`, then the layers' own attributes and the denoiser's module tree as they were."""
+        unregister_network(denoiser, self.adapter_name)
         self.network.restore()
         for layer, forward in self.original_forwards:
             if "_lycoris_wrappers" in layer.__dict__:
@@ -133,6 +148,7 @@ def load_tlora(
         ),
         path=tlora_file.path,
         format=tlora_file.format,
+        config=training_config(tlora_file.metadata),
         enable_kwargs=dict(
             max_rank=schedule.max_rank, min_rank=schedule.min_rank, alpha=schedule.alpha, mode=mode,
             timestep_fn=timestep_fn, scheduler=scheduler,
@@ -148,12 +164,13 @@ def load_tlora(
 
 
 def unload_tlora(target: Any) -> None:
-    """Remove what `load_tlora` put on a pipeline or denoiser (modules and hooks); a no-op where nothing is loaded.
+    """Remove what `load_tlora` or `create_tlora` put on a pipeline or denoiser (modules, their registration under
+    the denoiser, and hooks); a no-op where nothing is loaded.
 
-    The layers get their own forwards back exactly, as before `load_tlora`.
+    The layers get their own forwards back, and the denoiser its module tree and state dict, exactly as before.
 
     Args:
-        target: The pipeline, or the denoiser, `load_tlora` was called on.
+        target: The pipeline, or the denoiser, `load_tlora` or `create_tlora` was called on.
     """
     for denoiser in components_of(target).values():
         record = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
@@ -208,8 +225,9 @@ def _refuse_foreign_modules(match: Match) -> None:
     foreign = [module for module in applied_tlora_modules(match.denoiser) if id(module) not in ours]
     if foreign:
         raise TLoRAError(
-            f"{match.component} already holds {len(foreign)} T-LoRA modules that load_tlora did not load. Remove them "
-            "first (`network.restore()` on the LyCORIS network that applied them), then load the file."
+            f"{match.component} already holds {len(foreign)} T-LoRA modules that load_tlora or create_tlora did not "
+            "put there. Remove them first (`network.restore()` on the LyCORIS network that applied them), then load "
+            "the file."
         )
 
 
@@ -272,6 +290,7 @@ def _fill(module: TLoraModuleWithoutSvd, weights: ModuleWeights) -> None:
     module.lambda_layer.copy_(weights.lam.reshape(module.lambda_layer.shape))
     module.alpha.fill_(weights.alpha)
     module.dtype_tensor.zero_()
+    module.base_from_weights = weights.base is None
     if weights.base is not None:
         module.base_q.copy_(weights.base.q.reshape(module.base_q.shape))
         module.base_p.copy_(weights.base.p.reshape(module.base_p.shape))
@@ -284,13 +303,13 @@ def _swap_in(target: Any, match: Match, record: LoadRecord) -> TLoRAHandle:
     previous = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
     if previous is not None:
         _remove(denoiser, previous)
-    record.attach()
+    record.attach(denoiser)
     try:
         handle = _enable(target, match.component, record)
     except BaseException:
-        record.detach()
+        record.detach(denoiser)
         if previous is not None:
-            previous.attach()
+            previous.attach(denoiser)
             _enable(target, match.component, previous)
             denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = previous
         raise
@@ -312,6 +331,24 @@ def _unloader(denoiser: nn.Module, record: LoadRecord) -> Callable[[], None]:
     return unload
 
 
+def replace_adapter(target: Any, match: Match, build: Callable[[], LoadRecord]) -> TLoRAHandle:
+    """Take what is loaded off the denoiser (hooks and modules), `build()` a record on the model alone, apply it and
+    enable its hooks; on any failure put the previous adapter back exactly as it was."""
+    _refuse_foreign_modules(match)
+    denoiser = match.denoiser
+    previous = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
+    if previous is not None:
+        _remove(denoiser, previous)
+    try:
+        return _swap_in(target, match, build())
+    except BaseException:
+        if previous is not None and denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE) is None:
+            previous.attach(denoiser)
+            _enable(target, match.component, previous)
+            denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = previous
+        raise
+
+
 def _enable(target: Any, component: str, record: LoadRecord) -> TLoRAHandle:
     components = {"components": [component]} if is_pipeline(target) else {}
     return enable_tlora(target, **record.enable_kwargs, **components)
@@ -321,5 +358,5 @@ def _remove(denoiser: nn.Module, record: LoadRecord) -> None:
     hook = installed_hook(denoiser)
     if hook is not None:
         hook.remove()
-    record.detach()
+    record.detach(denoiser)
     denoiser.__dict__.pop(LOAD_RECORD_ATTRIBUTE, None)

@@ -166,7 +166,7 @@ def write(tlora_file: TLoraFile, path: str, min_rank: int, alpha: float) -> None
             tensors[f"{name}.{BASE_KEYS['q']}"] = module.base.q
             tensors[f"{name}.{BASE_KEYS['p']}"] = module.base.p
             tensors[f"{name}.{BASE_KEYS['lam']}"] = module.base.lam.reshape(1, -1)
-    config = _existing_config(tlora_file.metadata)
+    config = training_config(tlora_file.metadata)
     rank = max(tlora_file.ranks)
     config.update(algo="tlora", linear_dim=rank, tlora_min_rank=min_rank, tlora_alpha=alpha)
     config.setdefault("linear_alpha", max(module.alpha for module in tlora_file.modules.values()))
@@ -177,7 +177,8 @@ def write(tlora_file: TLoraFile, path: str, min_rank: int, alpha: float) -> None
     save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, path, metadata)
 
 
-def _existing_config(metadata: dict[str, str]) -> dict:
+def training_config(metadata: dict[str, str]) -> dict:
+    """The file's `lycoris_config` as a dict; empty where it has none or it is not a JSON object."""
     try:
         config = json.loads(metadata.get(CONFIG_KEY, "{}"))
     except json.JSONDecodeError:

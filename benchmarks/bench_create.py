@@ -33,7 +33,7 @@ from lycoris import LycorisNetwork, create_lycoris  # noqa: E402
 
 from devtools.lycoris_build import lycoris_without_gc  # noqa: E402
 from tlora_hooks import create_tlora, unload_tlora  # noqa: E402
-from tlora_hooks.presets import LYCORIS_DEFAULTS  # noqa: E402
+from tlora_hooks.presets import lycoris_defaults  # noqa: E402
 
 
 def preset_for(names: list[str] | None) -> dict:
@@ -52,7 +52,7 @@ def time_lycoris(unet, rank: int, preset: dict, device: str, collect: bool) -> t
         network.to(device)
         sync(device)
         elapsed = time.perf_counter() - start
-    for name, value in LYCORIS_DEFAULTS.items():
+    for name, value in lycoris_defaults().items():
         setattr(LycorisNetwork, name, value)
     return elapsed, network
 

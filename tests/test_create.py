@@ -257,6 +257,22 @@ def test_save_pretrained_writes_the_adapter_beside_the_unchanged_base(tmp_path):
     assert all(torch.equal(reloaded.state_dict()[key], value) for key, value in base.items())
 
 
+def test_a_base_only_state_dict_loads_strictly_and_keeps_the_adapter():
+    """A state dict without the `tlora.*` keys (the base model's own) loads the base, strict, leaving the adapter."""
+    unet = tiny.unet()
+    base = {key: value + 1.0 for key, value in unet.state_dict().items()}
+    network = create_tlora(unet, config(), mode="lycoris")
+    tiny_perturb(network)
+    adapter = {key: value.clone() for key, value in unet.state_dict().items() if key.startswith("tlora.")}
+    unet.load_state_dict(base)
+    loaded = unet.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in base.items()), "the base is what was loaded"
+    assert all(torch.equal(loaded[key], value) for key, value in adapter.items()), "the adapter is unchanged"
+    changed = {key: value * 2 for key, value in adapter.items()}
+    unet.load_state_dict({**base, **changed})
+    assert all(torch.equal(unet.state_dict()[key], value) for key, value in changed.items()), "adapter keys load"
+
+
 def test_unload_restores_the_state_dict_and_module_tree_exactly():
     pipe, kw = tiny.sdxl(rank=None, steps=2)
     unet = pipe.unet

@@ -31,6 +31,13 @@ ADAPTERS_ATTRIBUTE = "tlora"
 class TLoraAdapters(nn.ModuleDict):
     """The registered T-LoRA networks of one denoiser, by adapter name."""
 
+    def keep_unloaded_adapters(self, module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        """A `load_state_dict` pre-hook: a state dict without the adapters' keys (the base model's own, as
+        `from_pretrained` files and diffusers' checkpoints hold it) loads into the base and leaves the adapters as they
+        are, strict or not; keys it does hold are loaded."""
+        for key, value in self.state_dict(prefix=prefix, keep_vars=True).items():
+            state_dict.setdefault(key, value)
+
     def release_from_offload(self, denoiser: nn.Module, args: tuple) -> None:
         """A forward pre-hook on the denoiser: the adapter's modules out of accelerate's weight offloading."""
         for network in self.values():
@@ -58,6 +65,7 @@ def register_network(denoiser: nn.Module, adapter_name: str, network: LycorisNet
         adapters = TLoraAdapters()
         denoiser.add_module(ADAPTERS_ATTRIBUTE, adapters)
         adapters.__dict__["_release_handle"] = denoiser.register_forward_pre_hook(adapters.release_from_offload)
+        adapters.register_load_state_dict_pre_hook(adapters.keep_unloaded_adapters)
     elif not isinstance(adapters, TLoraAdapters):
         raise TLoRAError(
             f"{type(denoiser).__name__} already has a submodule {ADAPTERS_ATTRIBUTE!r} that tlora_hooks did not add; "

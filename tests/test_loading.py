@@ -333,7 +333,7 @@ def bad_files(tmp_path_factory):
 
 
 BAD = {
-    "missing_file": (dict(path="/nonexistent/t.safetensors"), FileNotFoundError, "No T-LoRA file"),
+    "missing_file": (dict(path="/nonexistent/t.safetensors"), TLoRAError, "No T-LoRA file or folder at"),
     "corrupt": (dict(path="corrupt"), TLoRAError, "neither a safetensors file"),
     "plain_lora": (dict(path="plain"), TLoRAError, "plain LoRA.*load_lora_weights"),
     "other_model": (dict(path="other_model"), TLoRAError, r"None of the \d+ T-LoRA modules.*0 matched, \d+ unmatched"),

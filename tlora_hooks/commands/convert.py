@@ -8,12 +8,13 @@ import os
 from ..errors import TLoRAError
 from ..formats import check_one_rank, lycoris, read_tlora_file
 from ..schedule import RankSchedule
+from .file_source import INPUT_HELP, add_source_arguments, file_source
 
 
 def _run(args: argparse.Namespace) -> None:
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
+    tlora_file = read_tlora_file(args.input, file_source(args))
+    if os.path.realpath(tlora_file.path) == os.path.realpath(args.output):
         raise TLoRAError("convert writes a new file; give an output path other than the input.")
-    tlora_file = read_tlora_file(args.input)
     rank = check_one_rank(tlora_file)
     min_rank = args.min_rank if args.min_rank is not None else tlora_file.settings.min_rank
     if min_rank is None:
@@ -52,8 +53,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert", help="rewrite a T-LoRA file as LyCORIS tlora safetensors with its schedule in the metadata"
     )
-    parser.add_argument("input")
-    parser.add_argument("output")
+    parser.add_argument("input", help=INPUT_HELP)
+    parser.add_argument("output", help="the LyCORIS tlora .safetensors file to write")
     parser.add_argument("--min-rank", type=int, default=None, help="tlora_min_rank (default: the file's)")
     parser.add_argument("--alpha", type=float, default=None, help="tlora_alpha (default: the file's, else 1.0)")
+    add_source_arguments(parser)
     parser.set_defaults(run=_run)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..formats import TLoraFile, read_tlora_file
+from .file_source import INPUT_HELP, add_source_arguments, file_source
 
 DIGITS = re.compile(r"\d+")
 
@@ -106,7 +107,7 @@ def summarise(tlora_file: TLoraFile) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> None:
-    summary = summarise(read_tlora_file(args.file))
+    summary = summarise(read_tlora_file(args.file, file_source(args)))
     if args.json:
         print(json.dumps(summary))
         return
@@ -142,6 +143,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         subparsers (`argparse._SubParsersAction`): what `ArgumentParser.add_subparsers` returned.
     """
     parser = subparsers.add_parser("inspect", help="show what a T-LoRA file holds: format, rank, modules, settings")
-    parser.add_argument("file")
+    parser.add_argument("file", help=INPUT_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_source_arguments(parser)
     parser.set_defaults(run=_run)

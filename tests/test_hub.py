@@ -274,13 +274,15 @@ def test_several_tlora_files_in_a_repo_are_an_error_naming_them(online_repo, fil
 
 
 # -- local folders follow the same rules ------------------------------------------------------------------------
-def test_a_folder_without_weight_name_gives_its_only_tlora_file(tmp_path, files):
+def test_a_folder_without_weight_name_gives_its_only_tlora_file(tmp_path, files, caplog):
     put(tmp_path, "adapter.safetensors", files["v2"])
     put(tmp_path, "plain.safetensors", files["plain"])
     put(tmp_path, "optimizer.safetensors", files["main"])  # never an adapter, as in diffusers
     assert read_tlora_file(tmp_path).path == str(tmp_path / "adapter.safetensors")
     put(tmp_path, "pytorch_lora_weights.safetensors", files["main"])  # the trainer's name wins, as in diffusers
-    assert read_tlora_file(tmp_path).path == str(tmp_path / FILE)
+    with caplog.at_level("WARNING", logger="tlora_hooks"):
+        assert read_tlora_file(tmp_path).path == str(tmp_path / FILE)
+    assert "several T-LoRA files (adapter.safetensors, pytorch_lora_weights.safetensors)" in caplog.text
     put(tmp_path, "lora.safetensors", files["sub"])
     with pytest.raises(TLoRAError, match="several T-LoRA files: adapter.safetensors, lora.safetensors, pytorch"):
         read_tlora_file(tmp_path)

@@ -251,15 +251,13 @@ def _build_network(
     network = LycorisNetwork(match.denoiser, init_only=True)
     network.multiplier = multiplier
     to_rebuild = []
-    with progress(total=len(match.layers), desc="Building T-LoRA modules") as bar:
-        for key, layer in match.layers.items():
-            weights = tlora_file.modules[key]
-            module = _allocate(key, layer, weights, multiplier)
-            _fill(module, weights)
-            if weights.base is None:
-                to_rebuild.append(module)
-            network.loras.append(module)
-            bar.update()
+    for key, layer in progress(match.layers.items(), total=len(match.layers), desc="Building T-LoRA modules"):
+        weights = tlora_file.modules[key]
+        module = _allocate(key, layer, weights, multiplier)
+        _fill(module, weights)
+        if weights.base is None:
+            to_rebuild.append(module)
+        network.loras.append(module)
     if to_rebuild:
         fill_base_terms(to_rebuild, tlora_file.path, cache, progress)
     return network

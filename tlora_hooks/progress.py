@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Iterable, Mapping, Union
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -43,13 +43,16 @@ class ProgressBars:
             or are_progress_bars_disabled(PROGRESS_GROUP)
         )
 
-    def __call__(self, total: int, desc: str, unit: str = "module") -> hub_tqdm:
-        """A bar over `total` units; use it as a context manager."""
+    def __call__(
+        self, iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str = "module"
+    ) -> hub_tqdm:
+        """A bar over `iterable`, or over `total` units (then use it as a context manager), as a pipeline's own
+        `progress_bar(iterable, total)` is."""
         kwargs: dict[str, Any] = {"total": total, "desc": desc, "unit": unit, "disable": not _rank_zero()}
         kwargs.update(self.settings)
         if self.silenced:
             kwargs["disable"] = True
-        return hub_tqdm(**kwargs, name=PROGRESS_GROUP)
+        return hub_tqdm(iterable, **kwargs, name=PROGRESS_GROUP)
 
     def download_arguments(self) -> dict[str, Any]:
         """Keywords for `hf_hub_download`: its own bar, made silent when these are (where it takes a `tqdm_class`)."""

@@ -48,11 +48,8 @@ def _read_safetensors(path: str, progress: ProgressBars) -> tuple[dict[str, torc
         with safe_open(path, framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             keys = list(handle.keys())
-            tensors = {}
-            with progress(total=len(keys), desc=f"Reading {os.path.basename(path)}", unit="tensor") as bar:
-                for key in keys:
-                    tensors[key] = handle.get_tensor(key)
-                    bar.update()
+            bar = progress(keys, total=len(keys), desc=f"Reading {os.path.basename(path)}", unit="tensor")
+            tensors = {key: handle.get_tensor(key) for key in bar}
     except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as error:
         raise TLoRAError(
             f"{path} could not be read as safetensors ({error}); the file may be corrupt or truncated."

@@ -19,7 +19,10 @@ from typing import Callable, Iterator
 from safetensors import SafetensorError, safe_open
 
 from ..errors import TLoRAError
+from ..logging_utils import get_logger
 from ..progress import ProgressBars
+
+logger = get_logger(__name__)
 
 # What the trainers write: the name diffusers' LoRA trainers save, SimpleTuner's and the official FLUX code's.
 KNOWN_FILE_NAMES = ("pytorch_lora_weights.safetensors", "lora.safetensors", "lora.pt")
@@ -156,7 +159,12 @@ def _only_tlora(
     if len(candidates) > 1:
         candidates = [name for name in candidates if not name.endswith(".safetensors") or holds_tlora(keys_of(name))]
     if len(candidates) > 1 and sum(name in KNOWN_FILE_NAMES for name in candidates) == 1:
-        candidates = [name for name in candidates if name in KNOWN_FILE_NAMES]  # the trainer's file, as diffusers
+        chosen = next(name for name in candidates if name in KNOWN_FILE_NAMES)
+        logger.warning(  # as `load_lora_weights` prefers `pytorch_lora_weights.safetensors`, and says so
+            "%s holds several T-LoRA files (%s); loading %s, the trainer's file. Pass weight_name= to choose.",
+            where, ", ".join(candidates), chosen,
+        )
+        candidates = [chosen]
     if not candidates:
         raise TLoRAError(
             f"{where} holds no T-LoRA file (files: {', '.join(names[:10]) or 'none'}). Pass weight_name= to "
@@ -174,7 +182,7 @@ def _local_keys(folder: str, name: str) -> list[str]:
         with safe_open(os.path.join(folder, name), framework="pt") as handle:
             return list(handle.keys())
     except (SafetensorError, OSError, ValueError):
-        return []  # not readable as safetensors: not a candidate; naming it is the user's call
+        return []  # not safetensors after all: no candidate (weight_name= still reads it, with the right error)
 
 
 @contextmanager

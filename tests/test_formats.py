@@ -144,8 +144,8 @@ def test_a_pickle_that_is_not_a_flat_dict_of_tensors_is_refused(tmp_path, payloa
         read_tlora_file(path)
 
 
-def test_a_missing_file_is_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No T-LoRA file"):
+def test_a_missing_file_is_a_tlora_error(tmp_path):
+    with pytest.raises(TLoRAError, match="No T-LoRA file or folder at"):
         read_tlora_file(tmp_path / "nope.safetensors")
 
 

@@ -373,7 +373,7 @@ def damaged_lycoris_files(folder) -> dict[str, str]:
 
 
 BAD = {
-    "missing_file": (dict(path="/nonexistent/t.safetensors"), FileNotFoundError, "No T-LoRA file"),
+    "missing_file": (dict(path="/nonexistent/t.safetensors"), TLoRAError, "No T-LoRA file or folder at"),
     "corrupt": (dict(path="corrupt"), TLoRAError, "neither a safetensors file"),
     "plain_lora": (dict(path="plain"), TLoRAError, "plain LoRA.*load_lora_weights"),
     "other_model": (dict(path="other_model"), TLoRAError, r"None of the \d+ T-LoRA modules.*0 matched, \d+ unmatched"),

@@ -10,10 +10,22 @@ import diffusers
 import pytest
 
 import test_families
+import test_modular
 from tlora_hooks.commands import main
 from tlora_hooks.support import BEGIN, END, FAMILIES, MATRIX_PAGE, readme_section
 
 MATRIX_FILE = Path(__file__).resolve().parents[1] / MATRIX_PAGE
+CASES = {**test_families.CASES, **test_modular.CASES}
+
+
+def held_classes(pipeline: str) -> str:
+    """The class names a pipeline holds: a classic pipeline's `__init__` signature, a modular pipeline's default
+    blocks' expected components."""
+    cls = getattr(diffusers, pipeline)
+    if getattr(cls, "default_blocks_name", None):
+        blocks = getattr(diffusers, cls.default_blocks_name)()
+        return " ".join(spec.type_hint.__name__ for spec in blocks.expected_components if spec.type_hint)
+    return str(inspect.signature(cls.__init__))
 
 
 def test_documented_matrix_is_the_generated_one():
@@ -29,17 +41,17 @@ def test_every_tested_family_names_tests_that_exist():
                 module, name = test.split("::")
                 assert name.startswith("test_") and callable(getattr(importlib.import_module(module[:-3]), name))
             else:
-                assert test in test_families.CASES, f"{family.name}: no family case {test!r}"
+                assert test in CASES, f"{family.name}: no family case {test!r}"
 
 
 def test_every_family_case_is_in_the_matrix():
     referenced = {test for family in FAMILIES for test in family.tests}
-    assert set(test_families.CASES) <= referenced
+    assert set(CASES) <= referenced
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.pipelines != ("-",)], ids=lambda f: f.name)
 def test_families_name_real_pipelines_holding_their_denoisers(family):
-    held = {pipeline: str(inspect.signature(getattr(diffusers, pipeline).__init__)) for pipeline in family.pipelines}
+    held = {pipeline: held_classes(pipeline) for pipeline in family.pipelines}
     for pipeline, signature in held.items():
         assert any(denoiser in signature for denoiser in family.denoisers), f"{pipeline} holds none of them"
     for denoiser in family.denoisers:

@@ -37,7 +37,8 @@ def enable_tlora(
     TLoRAError: nested blocks are not a stack); a failed call leaves the pipeline as it was.
 
     Args:
-        target: A Diffusers pipeline, or a bare denoiser `nn.Module`.
+        target: A Diffusers pipeline (a `DiffusionPipeline` or a Modular Diffusers `ModularPipeline`), or a bare
+            denoiser `nn.Module`.
         max_rank: The LyCORIS `linear_dim` the adapter was trained with; None reads it from the modules.
         min_rank: The LyCORIS `tlora_min_rank`: ranks kept at pure noise.
         alpha: The LyCORIS `tlora_alpha`, the schedule's exponent: rank = ((T - t) / T) ** alpha * (max_rank -
@@ -50,8 +51,9 @@ def enable_tlora(
             calls it misreads: returns the noise-ward timestep (num_train_timesteps = pure noise). It replaces
             the table's reading and mapping; the table's scheduler-side map still snaps the value.
         scheduler: The scheduler whose `timesteps` received values are snapped to, and whose `num_train_timesteps`
-            is T; defaults to the pipeline's (read on every call, so swapping `pipe.scheduler` is followed). A bare
-            denoiser has none otherwise.
+            is T; defaults to the pipeline's (read on every call, so swapping `pipe.scheduler`, or
+            `update_components(scheduler=...)` on a `ModularPipeline`, is followed). A bare denoiser has none
+            otherwise.
         components: Only these denoisers of a pipeline (e.g. `["transformer_2"]`), leaving the others' hooks alone.
 
     Returns:

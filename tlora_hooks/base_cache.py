@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from . import rebuild
 from .errors import TLoRAError
 from .logging import get_logger
+from .progress import ProgressBars
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
@@ -66,11 +67,14 @@ def cache_folder(cache_base: CacheArgument, tlora_path: str) -> str | None:
 
 
 @torch.no_grad()
-def fill_base_terms(modules: Sequence[TLoraModule], tlora_path: str, folder: str | None) -> None:
-    """Rebuild the modules' base terms from their layers' current weights, or read them from the cache in `folder`."""
+def fill_base_terms(
+    modules: Sequence[TLoraModule], tlora_path: str, folder: str | None, progress: ProgressBars | None = None
+) -> None:
+    """Rebuild the modules' base terms from their layers' current weights, or read them from the cache in `folder`;
+    `progress` is the rebuild bar's settings."""
     method = rebuild.DEFAULT_DECOMPOSITION
     if folder is None:
-        rebuild.rebuild_base_terms(modules, method=method)
+        rebuild.rebuild_base_terms(modules, method=method, progress=progress)
         return
     key = cache_key(modules, tlora_path, method)
     path = os.path.join(folder, f"{os.path.splitext(os.path.basename(tlora_path))[0]}{FILE_INFIX}"
@@ -82,7 +86,7 @@ def fill_base_terms(modules: Sequence[TLoraModule], tlora_path: str, folder: str
             return
         logger.warning("%s is not a usable T-LoRA base cache (%s): rebuilding the base terms and overwriting it.",
                        path, problem)
-    rebuild.rebuild_base_terms(modules, method=method)
+    rebuild.rebuild_base_terms(modules, method=method, progress=progress)
     _write(modules, path, key, method, os.path.basename(tlora_path))
 
 

@@ -34,14 +34,29 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def is_pipeline(target: Any) -> bool:
-    """A Diffusers pipeline, detected by its config and components rather than by import."""
-    return hasattr(target, "config") and hasattr(target, "register_modules") and not isinstance(target, nn.Module)
+    """A Diffusers pipeline, detected by its config and components rather than by import: a `DiffusionPipeline`
+    (`register_modules`) or a Modular Diffusers `ModularPipeline` (`update_components`)."""
+    return (
+        hasattr(target, "config")
+        and (hasattr(target, "register_modules") or is_modular_pipeline(target))
+        and not isinstance(target, nn.Module)
+    )
+
+
+def is_modular_pipeline(target: Any) -> bool:
+    """A Modular Diffusers `ModularPipeline`: its components are attributes, listed in `components`."""
+    return hasattr(type(target), "update_components") and hasattr(type(target), "components")
 
 
 def pipeline_modules(pipeline: Any) -> dict[str, nn.Module]:
-    """Every `nn.Module` component of a pipeline, by attribute name."""
+    """Every `nn.Module` component of a pipeline, by attribute name.
+
+    A `DiffusionPipeline` lists its components in its config; a `ModularPipeline` in `components` (its config holds
+    only those loaded from a repo).
+    """
+    names = pipeline.components.keys() if is_modular_pipeline(pipeline) else pipeline.config.keys()
     modules = {}
-    for name in pipeline.config.keys():
+    for name in names:
         if name.startswith("_"):
             continue
         value = getattr(pipeline, name, None)
@@ -57,7 +72,10 @@ def components_of(target: Any) -> dict[str, nn.Module]:
         return {type(unwrap(target)).__name__: unwrap(target)}
     if is_pipeline(target):
         return {name: unwrap(module) for name, module in pipeline_modules(target).items()}
-    raise TLoRAError(f"T-LoRA expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}.")
+    raise TLoRAError(
+        f"T-LoRA expects a Diffusers pipeline or a denoiser nn.Module, got {type(target).__name__}. Pass a "
+        "DiffusionPipeline, a Modular Diffusers ModularPipeline, or the denoiser itself (e.g. pipe.unet)."
+    )
 
 
 def peft_base_layer(module: nn.Module) -> nn.Module | None:

@@ -8,6 +8,7 @@ forward is LyCORIS's and `enable_tlora` finds them. The modules are built withou
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -20,12 +21,13 @@ from .base_cache import CacheArgument, cache_folder, check_cache_argument, fill_
 from .conventions import plan_timestep_reading
 from .discovery import applied_tlora_modules, components_of, is_pipeline, peft_base_layer
 from .errors import TLoRAError
-from .formats import ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
+from .formats import FileSource, ModuleWeights, TLoraFile, check_one_rank, read_tlora_file
 from .formats.lycoris import training_config
 from .hooks import TLoRAHandle, installed_hook, refuse_inside_open_block
 from .logging import get_logger
 from .matching import Match, match_file
 from .modes import check_mode
+from .progress import ProgressBars
 from .registration import register_network, unregister_network
 from .schedule import RankSchedule
 
@@ -83,8 +85,14 @@ class LoadRecord:
 
 def load_tlora(
     target: Any,
-    path: str,
+    path: str | os.PathLike,
     *,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
     min_rank: int | None = None,
     alpha: float | None = None,
     multiplier: float = 1.0,
@@ -99,13 +107,25 @@ def load_tlora(
 
     The file becomes LyCORIS T-LoRA modules applied (never merged) to the matching layers (on PEFT's base layer where
     a PEFT LoRA wraps one), then `enable_tlora` hooks the denoiser. Loading again replaces what was loaded on that
-    denoiser; a failed call changes nothing. `with load_tlora(...):` unloads at the end of the block.
+    denoiser; a failed call changes nothing. `with load_tlora(...):` unloads at the end of the block. Slow steps
+    show progress bars, which `pipe.set_progress_bar_config(disable=True)` and huggingface_hub's
+    `disable_progress_bars()` silence.
 
     Args:
-        target: A Diffusers pipeline, or a bare denoiser `nn.Module`.
-        path: A `.safetensors` file or a torch checkpoint (the official FLUX `lora.pt`), or a trainer's folder
-            holding one: LyCORIS/SimpleTuner's `algo="tlora"` layout or the official ControlGenAI processors
-            (detected from the keys). Its tensors give the rank.
+        target: A Diffusers pipeline (a `DiffusionPipeline` or a Modular Diffusers `ModularPipeline`), or a bare
+            denoiser `nn.Module`.
+        path: A `.safetensors` file or a torch checkpoint (the official FLUX `lora.pt`), a folder holding one (a
+            trainer's checkpoint folder), or a Hugging Face Hub repo id (`"user/repo"`), resolved as
+            `load_lora_weights` resolves it. The layout, LyCORIS/SimpleTuner's `algo="tlora"` or the official
+            ControlGenAI processors, is detected from the keys; its tensors give the rank.
+        weight_name: The file's name in the folder or repo. Default: its only T-LoRA file (`.safetensors` files
+            whose keys are T-LoRA keys, or `lora.pt`); several are an error naming them. Offline, a repo's files
+            cannot be listed, so a repo id needs it.
+        subfolder: The folder inside the folder or repo that holds the file.
+        revision: The repo's branch, tag or commit (default: main).
+        cache_dir: The Hub cache folder (default: huggingface_hub's, `HF_HUB_CACHE`).
+        token: A Hub token for private or gated repos (default: `HF_TOKEN` or the saved login).
+        local_files_only: Use the Hub cache only, never the network (as `HF_HUB_OFFLINE=1` does).
         min_rank: The `tlora_min_rank` it was trained with; default: SimpleTuner's metadata in the file, else 1
             with a warning (the file does not say).
         alpha: The `tlora_alpha` it was trained with; default: the file's metadata, else 1.0 with a warning.
@@ -129,7 +149,9 @@ def load_tlora(
         raise TLoRAError(
             f"multiplier must be a finite number (the adapter strength, default 1.0), got {multiplier!r}."
         )
-    tlora_file = read_tlora_file(path)
+    source = FileSource(weight_name, subfolder, revision, cache_dir, token, local_files_only)
+    progress = ProgressBars.of(target)
+    tlora_file = read_tlora_file(path, source, progress)
     schedule = _schedule(tlora_file, check_one_rank(tlora_file), min_rank, alpha)
     match = match_file(target, tlora_file, component, strict)
     if tlora_file.unused_keys:
@@ -144,7 +166,7 @@ def load_tlora(
         plan_timestep_reading(match.component, match.denoiser, pipeline)  # an unknown class fails before the work
     record = LoadRecord(
         network=_build_on_pristine_weights(
-            target, match, tlora_file, multiplier, cache_folder(cache_base, tlora_file.path)
+            target, match, tlora_file, multiplier, cache_folder(cache_base, tlora_file.path), progress
         ),
         path=tlora_file.path,
         format=tlora_file.format,
@@ -232,7 +254,7 @@ def _refuse_foreign_modules(match: Match) -> None:
 
 
 def _build_on_pristine_weights(
-    target: Any, match: Match, tlora_file: TLoraFile, multiplier: float, cache: str | None
+    target: Any, match: Match, tlora_file: TLoraFile, multiplier: float, cache: str | None, progress: ProgressBars
 ) -> LycorisNetwork:
     """Build with the hooks of an earlier load removed: the fold mode keeps that adapter's delta in the weights
     between calls, and the base rebuild must see the model's own weights. On failure the earlier hooks come back."""
@@ -241,7 +263,7 @@ def _build_on_pristine_weights(
     if hook is not None:
         hook.remove()
     try:
-        return _build_network(match, tlora_file, multiplier, cache)
+        return _build_network(match, tlora_file, multiplier, cache, progress)
     except BaseException:
         if hook is not None and previous is not None:
             _enable(target, match.component, previous)
@@ -249,7 +271,9 @@ def _build_on_pristine_weights(
 
 
 @torch.no_grad()
-def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float, cache: str | None) -> LycorisNetwork:
+def _build_network(
+    match: Match, tlora_file: TLoraFile, multiplier: float, cache: str | None, progress: ProgressBars
+) -> LycorisNetwork:
     """LyCORIS modules for the matched layers, filled from the file, on each layer's device, in fp32 like LyCORIS's.
     Base terms the file lacks are rebuilt, or read from the cache folder `cache`."""
     from lycoris import LycorisNetwork
@@ -257,7 +281,7 @@ def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float, cache
     network = LycorisNetwork(match.denoiser, init_only=True)
     network.multiplier = multiplier
     to_rebuild = []
-    for key, layer in match.layers.items():
+    for key, layer in progress(match.layers.items(), total=len(match.layers), desc="Building T-LoRA modules"):
         weights = tlora_file.modules[key]
         module = _allocate(key, layer, weights, multiplier)
         _fill(module, weights)
@@ -265,7 +289,7 @@ def _build_network(match: Match, tlora_file: TLoraFile, multiplier: float, cache
             to_rebuild.append(module)
         network.loras.append(module)
     if to_rebuild:
-        fill_base_terms(to_rebuild, tlora_file.path, cache)
+        fill_base_terms(to_rebuild, tlora_file.path, cache, progress)
     return network
 
 

@@ -15,9 +15,9 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from .logging import get_logger
+from .progress import ProgressArgument, as_progress_bars
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
@@ -86,12 +86,13 @@ def rebuild_base_terms(
     modules: Iterable[TLoraModule],
     *,
     method: str | None = None,
-    progress: bool | None = None,
+    progress: ProgressArgument = None,
     workers: int | None = None,
 ) -> None:
     """Fill `base_q`, `base_p`, `base_lambda` of LyCORIS T-LoRA modules from their wrapped layers' current weights.
 
-    `method` names a `DECOMPOSITIONS` entry (default `DEFAULT_DECOMPOSITION`); `progress` None shows a bar on a TTY;
+    `method` names a `DECOMPOSITIONS` entry (default `DEFAULT_DECOMPOSITION`); `progress` is the bar's settings
+    (`progress.ProgressBars`, or False to hide it; None: the default, which the global switches silence);
     `workers` batches run at once (default `CUDA_WORKERS` on CUDA, 1 elsewhere; the results do not depend on it).
     """
     method = method or DEFAULT_DECOMPOSITION
@@ -106,8 +107,7 @@ def rebuild_base_terms(
         chunk = max(1, CHUNK_BYTES // workers // working_bytes(shape))
         batches += [(same_shape[start : start + chunk], rank) for start in range(0, len(same_shape), chunk)]
     total = sum(len(same_shape) for same_shape in by_shape.values())
-    disable = None if progress is None else not progress
-    with tqdm(total=total, desc="T-LoRA base rebuild", unit="module", disable=disable) as bar:
+    with as_progress_bars(progress)(total=total, desc="Rebuilding T-LoRA base terms") as bar:
 
         def rebuild(batch: tuple[list[TLoraModule], int]) -> None:
             _rebuild_batch(*batch, method)

@@ -7,14 +7,15 @@ import os
 
 from ..errors import TLoRAError
 from ..schedule import RankSchedule
+from .file_source import INPUT_HELP, add_source_arguments, file_source
 
 
 def _run(args: argparse.Namespace) -> None:
     from ..formats import check_one_rank, lycoris, read_tlora_file
 
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
+    tlora_file = read_tlora_file(args.input, file_source(args))
+    if os.path.realpath(tlora_file.path) == os.path.realpath(args.output):
         raise TLoRAError("convert writes a new file; give an output path other than the input.")
-    tlora_file = read_tlora_file(args.input)
     rank = check_one_rank(tlora_file)
     invalid = tlora_file.settings.invalid
     for label, option in (("min_rank", args.min_rank), ("alpha", args.alpha)):
@@ -57,8 +58,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert", help="rewrite a T-LoRA file as LyCORIS tlora safetensors with its schedule in the metadata"
     )
-    parser.add_argument("input")
-    parser.add_argument("output")
+    parser.add_argument("input", help=INPUT_HELP)
+    parser.add_argument("output", help="the LyCORIS tlora .safetensors file to write")
     parser.add_argument("--min-rank", type=int, default=None, help="tlora_min_rank (default: the file's)")
     parser.add_argument("--alpha", type=float, default=None, help="tlora_alpha (default: the file's, else 1.0)")
+    add_source_arguments(parser)
     parser.set_defaults(run=_run)

@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .file_source import INPUT_HELP, add_source_arguments, file_source
+
 if TYPE_CHECKING:
     from ..formats import TLoraFile
 
@@ -114,7 +116,7 @@ def summarise(tlora_file: TLoraFile) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> None:
     from ..formats import read_tlora_file
 
-    summary = summarise(read_tlora_file(args.file))
+    summary = summarise(read_tlora_file(args.file, file_source(args)))
     if args.json:
         print(json.dumps(summary))
         return
@@ -155,6 +157,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         subparsers (`argparse._SubParsersAction`): what `ArgumentParser.add_subparsers` returned.
     """
     parser = subparsers.add_parser("inspect", help="show what a T-LoRA file holds: format, rank, modules, settings")
-    parser.add_argument("file")
+    parser.add_argument("file", help=INPUT_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_source_arguments(parser)
     parser.set_defaults(run=_run)

@@ -7,8 +7,10 @@ import os
 import torch
 
 from ..errors import TLoRAError
+from ..progress import ProgressArgument, as_progress_bars
 from . import controlgenai, lycoris
-from .containers import read_tensors, resolve_path
+from .containers import read_tensors
+from .locate import FileSource, locate_tlora_file
 from .state import BaseTerms, ModuleWeights, TLoraFile, TrainingSettings
 
 # Tried in order; each `detect(keys)` is exclusive of the others.
@@ -16,13 +18,25 @@ READERS = (lycoris, controlgenai)
 # Key fragments of adapters that are not T-LoRAs, and what loads them.
 PLAIN_LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", ".hada_w1", ".lokr_w1", ".oft_")
 
-__all__ = ["BaseTerms", "ModuleWeights", "TLoraFile", "TrainingSettings", "check_one_rank", "read_tlora_file"]
+__all__ = [
+    "BaseTerms", "FileSource", "ModuleWeights", "TLoraFile", "TrainingSettings", "check_one_rank", "holds_tlora",
+    "read_tlora_file",
+]
 
 
-def read_tlora_file(path: str | os.PathLike) -> TLoraFile:
-    """Read any supported T-LoRA file into the common form; raises TLoRAError for anything else."""
-    path = resolve_path(path)
-    tensors, metadata = read_tensors(path)
+def read_tlora_file(
+    path: str | os.PathLike, source: FileSource | None = None, progress: ProgressArgument = None
+) -> TLoraFile:
+    """Read any supported T-LoRA file into the common form; raises TLoRAError for anything else.
+
+    Args:
+        path: A file, a folder holding one, or a Hub repo id (`formats.locate`).
+        source: `weight_name`, `subfolder`, `revision`, ... for a folder or a repo.
+        progress: The bars for the download and the read (`progress.ProgressBars`; None: the default ones).
+    """
+    bars = as_progress_bars(progress)
+    path = locate_tlora_file(path, source or FileSource(), holds_tlora, bars)
+    tensors, metadata = read_tensors(path, bars)
     keys = list(tensors)
     reader = next((reader for reader in READERS if reader.detect(keys)), None)
     if reader is None:
@@ -34,6 +48,11 @@ def read_tlora_file(path: str | os.PathLike) -> TLoraFile:
     for name, module in tlora_file.modules.items():
         _check_shapes(name, module)
     return tlora_file
+
+
+def holds_tlora(keys: list[str]) -> bool:
+    """Whether a file with these keys is a T-LoRA some reader reads."""
+    return any(reader.detect(keys) for reader in READERS)
 
 
 def check_one_rank(tlora_file: TLoraFile) -> int:

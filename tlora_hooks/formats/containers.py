@@ -12,42 +12,27 @@ import struct
 import zipfile
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import TLoRAError
+from ..progress import ProgressBars
 
-# What the trainers write inside a checkpoint folder, in the order a folder is searched.
-KNOWN_FILE_NAMES = ("pytorch_lora_weights.safetensors", "lora.safetensors", "lora.pt")
 READS = (
     "load_tlora reads LyCORIS/SimpleTuner and official ControlGenAI .safetensors files and the official FLUX lora.pt"
 )
 
 
-def resolve_path(path: str | os.PathLike) -> str:
-    """The file to read; a trainer's checkpoint folder resolves to the one weights file it holds."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        for name in KNOWN_FILE_NAMES:
-            candidate = os.path.join(path, name)
-            if os.path.isfile(candidate):
-                return candidate
-        raise TLoRAError(
-            f"{path} is a folder without a T-LoRA weights file ({', '.join(KNOWN_FILE_NAMES)}); pass the file."
-        )
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No T-LoRA file at {path!r}.")
-    return path
-
-
-def read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The file's tensors (on the CPU) and its string metadata."""
+def read_tensors(path: str, progress: ProgressBars) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors (on the CPU) and its string metadata, with a bar over the tensors read."""
     with open(path, "rb") as handle:
         head = handle.read(9)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return _read_pickle(path), {}
+        with progress(total=1, desc=f"Reading {os.path.basename(path)}", unit="file") as bar:
+            tensors = _read_pickle(path)
+            bar.update()
+        return tensors, {}
     if _looks_like_safetensors(head, os.path.getsize(path)):
-        return _read_safetensors(path)
+        return _read_safetensors(path, progress)
     raise TLoRAError(f"{path} is neither a safetensors file nor a torch checkpoint (it may be corrupt). {READS}.")
 
 
@@ -58,11 +43,13 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 0 < header_size <= size - 8 and head[8:9] == b"{"
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(path: str, progress: ProgressBars) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-        tensors = load_file(path)
+            keys = list(handle.keys())
+            bar = progress(keys, total=len(keys), desc=f"Reading {os.path.basename(path)}", unit="tensor")
+            tensors = {key: handle.get_tensor(key) for key in bar}
     except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as error:
         raise TLoRAError(
             f"{path} could not be read as safetensors ({error}); the file may be corrupt or truncated."

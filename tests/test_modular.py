@@ -1,0 +1,199 @@
+"""Modular Diffusers: `enable_tlora` and `load_tlora` take a `ModularPipeline`, and every denoiser call gets the rank
+the classic pipeline gives on the same inputs; the scheduler is read from the pipeline's components on every call.
+
+Each case builds the family's modular core denoise step offline (`...CoreDenoiseStep().init_pipeline()`, then
+`update_components` with the tiny classic pipeline's own denoisers and a copy of its scheduler) and calls both with
+the same prompt embeddings. The rank of a call is compared by the scheduler step it belongs to, since modular
+guiders call the denoiser once per guidance batch where some classic pipelines batch cond and uncond together.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import tiny
+import tlora_files
+from compat_tools import hook_counts
+from conftest import lycoris_rank
+from tlora_hooks import TLoRAError, disable_tlora, enable_tlora, load_tlora, unload_tlora
+from tlora_hooks.discovery import components_of
+
+# Both pipelines share the classic one's denoisers; these are the classic call's options the modular blocks take
+# elsewhere (the guider's scale) or not at all (the output type).
+CLASSIC_ONLY = ("output_type", "guidance_scale", "guidance_scale_2", "true_cfg_scale")
+
+
+@dataclass(frozen=True)
+class ModularCase:
+    """One modular pipeline family: its classic twin, its core denoise step (`family.module:Class`), the denoisers
+    both hold, and config values the modular pipeline takes through `update_components`."""
+
+    classic: Callable[[], tuple[Any, dict]]
+    blocks: str
+    pipeline: str
+    denoisers: tuple[str, ...] = ("transformer",)
+    config: dict = field(default_factory=dict)
+    classic_call: Callable[[dict], dict] = lambda kw: kw
+
+
+def without_negative_prompt(kw: dict) -> dict:
+    """The modular Flux.1 core step has no guider: compare with the classic pipeline without true CFG."""
+    return {key: value for key, value in kw.items() if not key.startswith("negative") and key != "true_cfg_scale"}
+
+
+CASES = {
+    "modular_sdxl": ModularCase(tiny.sdxl, "stable_diffusion_xl.modular_blocks_stable_diffusion_xl:"
+                                "StableDiffusionXLCoreDenoiseStep", "StableDiffusionXLModularPipeline", ("unet",)),
+    "modular_sd3": ModularCase(tiny.sd3, "stable_diffusion_3.modular_blocks_stable_diffusion_3:"
+                               "StableDiffusion3T2ICoreDenoiseStep", "StableDiffusion3ModularPipeline"),
+    "modular_flux": ModularCase(tiny.flux, "flux.modular_blocks_flux:FluxCoreDenoiseStep", "FluxModularPipeline",
+                                classic_call=without_negative_prompt),
+    "modular_flux2": ModularCase(tiny.flux2, "flux2.modular_blocks_flux2:Flux2CoreDenoiseStep",
+                                 "Flux2ModularPipeline"),
+    "modular_flux2_klein_base": ModularCase(
+        lambda: tiny.flux2("klein_base"), "flux2.modular_blocks_flux2_klein_base:Flux2KleinBaseCoreDenoiseStep",
+        "Flux2KleinModularPipeline",
+    ),
+    "modular_qwen_image": ModularCase(tiny.qwen_image, "qwenimage.modular_blocks_qwenimage:QwenImageCoreDenoiseStep",
+                                      "QwenImageModularPipeline"),
+    "modular_wan21": ModularCase(tiny.wan, "wan.modular_blocks_wan:WanCoreDenoiseStep", "WanModularPipeline"),
+    "modular_wan22_a14b": ModularCase(
+        lambda: tiny.wan("2.2_a14b"), "wan.modular_blocks_wan22:Wan22CoreDenoiseStep", "WanModularPipeline",
+        ("transformer", "transformer_2"), config={"boundary_ratio": 0.875},
+    ),
+    "modular_ltx": ModularCase(tiny.ltx, "ltx.modular_blocks_ltx:LTXCoreDenoiseStep", "LTXModularPipeline"),
+}
+
+
+def copy_of(scheduler):
+    return type(scheduler).from_config(scheduler.config)
+
+
+def modular_twin(case: ModularCase, classic) -> Any:
+    """The family's modular core denoise pipeline holding the classic pipeline's denoisers and a scheduler copy."""
+    module, name = case.blocks.split(":")
+    blocks = getattr(importlib.import_module(f"diffusers.modular_pipelines.{module}"), name)()
+    pipe = blocks.init_pipeline()
+    pipe.update_components(scheduler=copy_of(classic.scheduler),
+                           **{name: getattr(classic, name) for name in case.denoisers}, **case.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class StepRanks:
+    """(component, scheduler step, rank) of every denoiser call, the step read from the scheduler the pipeline holds
+    at that moment (`step_index` is None until the first step ends)."""
+
+    def __init__(self, rank_probe, pipe, denoisers) -> None:
+        rank_probe.close()
+        rank_probe.reset()
+        self.probe, self.pipe, self.steps, self.handles = rank_probe, pipe, [], []
+        for name in denoisers:
+            rank_probe.watch(name, components_of(pipe)[name])
+            self.handles.append(components_of(pipe)[name].register_forward_pre_hook(self.note_step))
+
+    def note_step(self, module, args) -> None:
+        self.steps.append(self.pipe.scheduler.step_index or 0)
+
+    def calls(self) -> list[tuple[str, int, int]]:
+        """The calls so far; the probe stops watching."""
+        for handle in self.handles:
+            handle.remove()
+        self.probe.close()
+        assert len(self.steps) == len(self.probe.calls)
+        return list(zip(self.probe.names(), self.steps, self.probe.ranks()))
+
+
+def by_step(calls: list[tuple[str, int, int]]) -> dict[tuple[str, int], set[int]]:
+    grouped: dict[tuple[str, int], set[int]] = {}
+    for name, step, rank in calls:
+        grouped.setdefault((name, step), set()).add(rank)
+    return grouped
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_every_denoiser_call_gets_the_rank_of_the_classic_pipeline(case_id, rank_probe):
+    case = CASES[case_id]
+    classic, kw = case.classic()
+    kw = case.classic_call(kw)
+    modular = modular_twin(case, classic)
+    assert type(modular).__name__ == case.pipeline
+
+    enable_tlora(classic, max_rank=8)
+    probe = StepRanks(rank_probe, classic, case.denoisers)
+    classic(**kw)
+    expected = by_step(probe.calls())
+    disable_tlora(classic)
+
+    handle = enable_tlora(modular, max_rank=8)
+    assert handle.denoisers == list(case.denoisers)
+    probe = StepRanks(rank_probe, modular, case.denoisers)
+    modular(**{key: value for key, value in kw.items() if key not in CLASSIC_ONLY}, output="latents")
+    seen = by_step(probe.calls())
+    assert seen == expected, "each step's calls must all get the classic pipeline's rank for that step"
+    assert all(len(ranks) == 1 for ranks in seen.values()) and len({min(r) for r in seen.values()}) > 1
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_update_components_scheduler_after_enabling_is_followed(case_id, rank_probe):
+    """A scheduler with half the training timesteps: the rank formula's T changes, so a hook still reading the
+    enabled-with scheduler (T = 1000) would give other ranks."""
+    case = CASES[case_id]
+    classic, kw = case.classic()
+    modular = modular_twin(case, classic)
+    enable_tlora(modular, max_rank=8)
+    swapped = type(modular.scheduler).from_config(modular.scheduler.config, num_train_timesteps=500)
+    modular.update_components(scheduler=swapped)
+    probe = StepRanks(rank_probe, modular, case.denoisers)
+    call = {key: value for key, value in case.classic_call(kw).items() if key not in CLASSIC_ONLY}
+    modular(**call, output="latents")
+    timesteps = [float(t) for t in swapped.timesteps]
+    assert [rank for _, _, rank in probe.calls()] == [lycoris_rank(timesteps[step], 500, 8) for _, step, _ in
+                                                      probe.calls()]
+    assert [lycoris_rank(t, 500, 8) for t in timesteps] != [lycoris_rank(t, 1000, 8) for t in timesteps]
+
+
+def test_load_tlora_onto_a_modular_pipeline_masks_and_unloads(tmp_path, rank_probe):
+    """The file's schedule (min_rank 2, alpha 0.5) on every call; unloading gives the plain UNet's output back."""
+    classic, kw = tiny.sdxl(rank=None, steps=3)
+    network = tiny.add_tlora(classic.unet, 8, seed=4)
+    path = tlora_files.simpletuner_file(network, tmp_path / "t.safetensors", linear_dim=8, tlora_min_rank=2,
+                                        tlora_alpha=0.5)
+    network.restore()
+    modular = modular_twin(CASES["modular_sdxl"], classic)
+    call = {key: value for key, value in kw.items() if key not in CLASSIC_ONLY}
+
+    def run():
+        latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        return modular(**call, latents=latents, output="latents")
+
+    plain = run()
+    handle = load_tlora(modular, path)
+    assert handle.denoisers == ["unet"]
+    probe = StepRanks(rank_probe, modular, ["unet"])
+    masked = run()
+    timesteps = modular.scheduler.timesteps
+    assert [rank for _, _, rank in probe.calls()] == [lycoris_rank(timesteps[step], 1000, 8, 2, 0.5) for _, step, _
+                                                      in probe.calls()]
+    assert not torch.equal(masked, plain)
+    unload_tlora(modular)
+    torch.testing.assert_close(run(), plain, rtol=0, atol=0)
+
+
+def test_a_modular_pipeline_whose_denoiser_has_no_row_is_refused():
+    """Anima's CosmosTransformer3DModel: each Cosmos pipeline passes another timestep, so enabling asks for
+    timestep_fn=, as for the classic Cosmos transformer outside its pipelines."""
+    from diffusers.modular_pipelines.anima.modular_blocks_anima import AnimaCoreDenoiseStep
+
+    modular = AnimaCoreDenoiseStep().init_pipeline()
+    transformer = tiny.cosmos_transformer()
+    tiny.add_tlora(transformer)
+    modular.update_components(transformer=transformer)
+    with pytest.raises(TLoRAError, match="each Cosmos pipeline passes a different timestep.*timestep_fn="):
+        enable_tlora(modular, max_rank=8)
+    assert hook_counts(transformer) == (0, 0)

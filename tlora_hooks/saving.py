@@ -10,7 +10,7 @@ from typing import Any
 
 from .discovery import components_of
 from .errors import TLoRAError
-from .formats.containers import KNOWN_FILE_NAMES
+from .formats.locate import KNOWN_FILE_NAMES
 from .formats.lycoris import CONFIG_KEY, write
 from .formats.state import BaseTerms, ModuleWeights, TLoraFile
 from .loading import LOAD_RECORD_ATTRIBUTE, NETWORK_RECORD_ATTRIBUTE, LoadRecord

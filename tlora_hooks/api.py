@@ -13,6 +13,7 @@ from .errors import TLoRAError
 from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group
 from .logging_utils import get_logger
 from .modes import build_mode, check_mode
+from .modes.build import check_forward_path
 from .schedule import RankSchedule
 
 logger = get_logger(__name__)
@@ -73,6 +74,9 @@ def enable_tlora(
         name: plan_timestep_reading(name, denoiser, pipeline, timestep_fn)
         for name, (denoiser, _) in found.items()
     }
+    for name, (denoiser, modules) in found.items():
+        if installed_hook(denoiser) is None:  # the fold mode takes its modules out of the chain until removed
+            check_forward_path(modules, f"{name} ({type(denoiser).__name__})")
     # Everything is validated: from here on the pipeline changes.
     if components is None:
         disable_tlora(target)

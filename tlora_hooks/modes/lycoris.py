@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from lycoris.modules.tlora import TLoraModule, clear_timestep_mask, set_timestep_mask
 
+from .chain import ForwardPathCheck
+
 
 class LycorisMode:
     """Keeps LyCORIS's module forward and sets its mask for one denoiser's private mask group."""
@@ -13,9 +15,11 @@ class LycorisMode:
     # False where the fast modes run every module and this one only publishes the mask in the group.
     runs_modules = True
 
-    def __init__(self, modules: list[TLoraModule], group_id: int) -> None:
+    def __init__(self, modules: list[TLoraModule], group_id: int, runs: list[TLoraModule] | None = None) -> None:
         self.modules = modules
         self.group_id = group_id
+        # The modules whose LyCORIS forward this mode runs must stay in their layers' forward chains.
+        self.path_check = ForwardPathCheck(modules if runs is None else runs, "the lycoris mode")
         self._original_groups = [module.mask_group_id for module in modules]
         for module in modules:
             module.mask_group_id = group_id
@@ -31,6 +35,7 @@ class LycorisMode:
         return 0
 
     def set_mask(self, mask: torch.Tensor) -> None:
+        self.path_check.check()
         set_timestep_mask(mask, self.group_id)
 
     def clear_mask(self) -> None:

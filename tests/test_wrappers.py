@@ -122,6 +122,22 @@ def test_enable_after_xdit_wrapping_hooks_the_wrapper(plain, caplog):
     torch.testing.assert_close(run(pipe, kw), expected, atol=0, rtol=0)
 
 
+def test_loaded_before_wrapping_then_enabled_again_after(plain, tmp_path):
+    """The xDiT recipe: load_tlora on the stock pipeline, wrap, enable_tlora again: the hooks move to the wrapper."""
+    from tlora_files import simpletuner_file
+    from tlora_hooks import load_tlora
+
+    path = simpletuner_file(tiny.add_tlora(tiny.flux_transformer(), 8), tmp_path / "flux.safetensors")
+    pipe, kw = tiny.flux(dtype=torch.float32, rank=None)
+    load_tlora(pipe, path, min_rank=1, alpha=1.0)
+    loaded = run(pipe, kw)
+    inner = pipe.transformer
+    xdit_parallel(pipe)
+    enable_tlora(pipe, max_rank=None, min_rank=1, alpha=1.0)
+    assert installed_hook(inner) is None and installed_hook(pipe.transformer) is not None
+    torch.testing.assert_close(run(pipe, kw), loaded, atol=0, rtol=0)
+
+
 def test_enable_on_the_wrapped_transformer_itself_raises_at_the_call():
     """Hooks on the inner module of an xDiT-style wrapper never run: the call raises."""
     pipe, kw = tiny.flux(dtype=torch.float32)

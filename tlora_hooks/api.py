@@ -75,15 +75,18 @@ def enable_tlora(
         for name, (denoiser, _) in found.items()
     }
     for name, (denoiser, modules) in found.items():
-        if installed_hook(denoiser) is None:  # the fold mode takes its modules out of the chain until removed
+        # Skipped where hooks are installed (on it, or on a denoiser it wraps): the fold mode takes its modules out
+        # of the chain until removed.
+        if not any(installed_hook(module) is not None for module in denoiser.modules()):
             check_forward_path(modules, f"{name} ({type(denoiser).__name__})")
     # Everything is validated: from here on the pipeline changes.
     if components is None:
         disable_tlora(target)
     for denoiser, _ in found.values():  # with `components`, only the named denoisers are replaced
-        previous = installed_hook(denoiser)
-        if previous is not None:
-            previous.remove()
+        for module in denoiser.modules():  # and hooks on a denoiser that a wrapper (xDiT's) now holds
+            previous = installed_hook(module)
+            if previous is not None:
+                previous.remove()
     hooks = {}
     for name, (denoiser, modules) in found.items():
         convention, reader = plans[name]

@@ -109,33 +109,32 @@ def dropped_error(modules: list[TLoraModule], where: str) -> TLoRAError:
 class ForwardPathCheck:
     """Raises on the first call after one of `modules` dropped out of its layer's forward chain.
 
-    Per call and module it tests that the slot where the module was found still holds the same object (an
-    identity test); only where one changed does it look for the module in the chain again.
+    Per call and module it tests that the slot where the module was found still holds the same object (one dict
+    lookup and an identity test); only when one changed does it look for the modules in their chains again.
     """
 
     def __init__(self, modules: list[TLoraModule], where: str) -> None:
+        self.modules = modules
         self.where = where
-        self.entries = [[module, *self._find(module)] for module in modules]
+        self._find()
 
-    @staticmethod
-    def _find(module: TLoraModule) -> tuple[Any, str | None, Any]:
-        found = ChainLink.slot(module)
-        if found is None:
-            return None, None, None
-        holder, attribute = found
-        return holder, attribute, holder.__dict__[attribute]
-
-    def check(self) -> None:
-        dropped = []
-        for entry in self.entries:
-            module, holder, attribute, seen = entry
-            if holder is not None and holder.__dict__.get(attribute) is seen:
-                continue
-            entry[1:] = self._find(module)
-            if entry[1] is None:
+    def _find(self) -> None:
+        """(the slot holder's __dict__, attribute, the object there) for each module; raise for modules not found."""
+        slots, dropped = [], []
+        for module in self.modules:
+            found = ChainLink.slot(module)
+            if found is None:
                 dropped.append(module)
+                continue
+            holder, attribute = found
+            slots.append((holder.__dict__, attribute, holder.__dict__[attribute]))
+        self.slots = slots
         if dropped:
             raise dropped_error(dropped, self.where)
+
+    def check(self) -> None:
+        if not all(namespace.get(attribute) is seen for namespace, attribute, seen in self.slots):
+            self._find()
 
 
 class HookNesting:

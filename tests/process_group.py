@@ -1,9 +1,9 @@
 """Running one test body in several processes on the CPU (gloo), as a multi-GPU job runs it on devices.
 
-`run_ranks(body, world_size, *args)` spawns fresh interpreters, gives each the environment `torchrun` would (RANK,
+`run_ranks(body, world_size, *args)` starts processes, gives each the environment `torchrun` would (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and a free MASTER_PORT), runs `body(rank, world_size, *args)` and returns what
 each rank returned, in rank order. A rank that raised fails the test with its traceback. `body` must be a module-level
-function (spawned processes import it by name); it creates the process group itself (`init_gloo`, or accelerate's
+function (a spawned process imports it by name); it creates the process group itself (`init_gloo`, or accelerate's
 `PartialState`), since that is the step a user's script does.
 """
 
@@ -64,9 +64,14 @@ def _rank_main(rank: int, world_size: int, port: int, body: Callable, args: tupl
             dist.destroy_process_group()
 
 
-def run_ranks(body: Callable[..., Any], world_size: int = 2, *args: Any) -> list[Any]:
-    """`body(rank, world_size, *args)` in `world_size` spawned processes; their return values, by rank."""
-    context = mp.get_context("spawn")
+def run_ranks(body: Callable[..., Any], world_size: int = 2, *args: Any, start: str = "fork") -> list[Any]:
+    """`body(rank, world_size, *args)` in `world_size` new processes; their return values, by rank.
+
+    Forked by default: the children inherit the imported torch and diffusers (a job takes seconds, where spawned
+    interpreters spend half a minute importing on a loaded 2-core machine). The test process runs torch on one
+    thread, so no thread pool is forked. CUDA cannot be used in a forked child: GPU jobs pass `start="spawn"`.
+    """
+    context = mp.get_context(start)
     results = context.Queue()
     port = free_port()
     processes = [

@@ -99,7 +99,7 @@ def to_device(pipe, device: str) -> None:
 
 
 def context_parallel_rank(rank: int, world_size: int) -> dict:
-    """What one rank of the CPU job returns (runs in a spawned process)."""
+    """What one rank of the CPU job returns (runs in a child process)."""
     cpu_only_device_count()
     init_gloo(rank, world_size)
     results = {case: run_pipeline(case, parallel=True) for case in PIPELINES}
@@ -153,7 +153,7 @@ def context_parallel_gpu_rank(rank: int, world_size: int) -> dict:
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_every_rank_masks_like_one_process_on_gpus():
-    parallel_results = run_ranks(context_parallel_gpu_rank, world_size=2)
+    parallel_results = run_ranks(context_parallel_gpu_rank, 2, start="spawn")
     for case in PIPELINES:
         single = run_pipeline(case, parallel=False, device="cuda:0")
         for results in parallel_results:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import re
 from pathlib import Path
@@ -19,6 +20,11 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6} (.+)$", re.MULTILINE)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
+
+
+# Engines docs/scale-out.md shows recipes for but the tests do not install (xFuser needs a GPU to import; Ray costs
+# 240 MB and a local cluster): their imports are checked only where they are installed.
+ENGINES_NOT_INSTALLED = {name for name in ("xfuser", "ray") if importlib.util.find_spec(name) is None}
 
 
 def python_blocks(page: Path) -> list[str]:
@@ -68,6 +74,8 @@ def test_the_pages_hold_python_examples():
 def test_python_block_compiles_and_imports_what_exists(page, index, block):
     compile(block, f"{page.name} python block {index}", "exec")
     for module_name, name in imported_names(ast.parse(block)):
+        if module_name.partition(".")[0] in ENGINES_NOT_INSTALLED:
+            continue
         module = importlib.import_module(module_name)
         if name is not None:
             assert hasattr(module, name), f"{page.name} block {index}: {module_name} has no {name}"

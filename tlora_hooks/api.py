@@ -13,6 +13,7 @@ from .errors import TLoRAError
 from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group, refuse_inside_open_block
 from .logging import get_logger
 from .modes import build_mode, check_mode
+from .modes.build import check_forward_path
 from .schedule import RankSchedule
 
 logger = get_logger(__name__)
@@ -79,13 +80,19 @@ def enable_tlora(
     }
     replaced = components_of(target).values() if components is None else [d for d, _ in found.values()]
     refuse_inside_open_block(replaced, "enable_tlora")
+    for name, (denoiser, modules) in found.items():
+        # Skipped where hooks are installed (on it, or on a denoiser it wraps): the fold mode takes its modules out
+        # of the chain until removed.
+        if not any(installed_hook(module) is not None for module in denoiser.modules()):
+            check_forward_path(modules, f"{name} ({type(denoiser).__name__})")
     # Everything is validated: from here on the pipeline changes.
     if components is None:
         disable_tlora(target)
     for denoiser, _ in found.values():  # with `components`, only the named denoisers are replaced
-        previous = installed_hook(denoiser)
-        if previous is not None:
-            previous.remove()
+        for module in denoiser.modules():  # and hooks on a denoiser that a wrapper (xDiT's) now holds
+            previous = installed_hook(module)
+            if previous is not None:
+                previous.remove()
     hooks = {}
     for name, (denoiser, modules) in found.items():
         convention, reader = plans[name]

@@ -30,6 +30,9 @@ import torch
 from torch import nn
 
 from .errors import TLoRAError
+from .logging import get_logger
+
+logger = get_logger(__name__)
 
 TimestepMap = Callable[[torch.Tensor], torch.Tensor]
 TimestepFn = Callable[[nn.Module, tuple, dict], Any]
@@ -358,6 +361,26 @@ def convention_for(denoiser: nn.Module, pipeline: Any = None) -> ConventionChoic
     return ConventionChoice(default, by_scheduler)
 
 
+def wrapped_convention(name: str, wrapper: nn.Module, pipeline: Any = None) -> ConventionChoice | None:
+    """The rows of the known denoiser that a module of an unknown class wraps with all its T-LoRA modules (xDiT's
+    transformer wrappers, DDP's `.module`), for reading the wrapper's own calls: a wrapper is called with the
+    arguments of the denoiser it stands for. None where no such denoiser is inside."""
+    from .discovery import applied_tlora_modules
+
+    total = len(applied_tlora_modules(wrapper))
+    for path, inner in wrapper.named_modules():
+        convention = convention_for(inner, pipeline) if path else None
+        if convention is not None and len(applied_tlora_modules(inner)) == total:
+            logger.warning(
+                "T-LoRA: %s is a %s wrapping a %s (%s); its calls are read as %s's (`%s`). If the wrapper changes "
+                "the timestep before passing it on, pass timestep_fn= to enable_tlora.",
+                name, type(wrapper).__name__, type(inner).__name__, path, type(inner).__name__,
+                convention.default.param,
+            )
+            return convention
+    return None
+
+
 def for_timestep_fn(choice: ConventionChoice | None) -> ConventionChoice:
     """The rows for a user's `timestep_fn`, which returns the noise-ward timestep itself.
 
@@ -381,7 +404,7 @@ def plan_timestep_reading(
     `timestep_fn` takes precedence over every row: its value is the noise-ward timestep. `name` (the component)
     is for the messages.
     """
-    convention = convention_for(denoiser, pipeline)
+    convention = convention_for(denoiser, pipeline) or wrapped_convention(name, denoiser, pipeline)
     if timestep_fn is not None:
         return for_timestep_fn(convention), timestep_fn
     if convention is not None and convention.default.unsupported:

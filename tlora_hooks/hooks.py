@@ -13,8 +13,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .block_guard import BlockGuard
 from .call_rank import CallRank
 from .checkpointing import CheckpointWrappers
+from .discovery import applied_tlora_modules
 from .errors import TLoRAError
 from .modes import MaskMode
 from .modes.lycoris import set_group_mask
@@ -81,6 +83,9 @@ class DenoiserHook:
             denoiser.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
             denoiser.register_forward_hook(self.post_forward, with_kwargs=True, always_call=True),
         ]
+        # A block run while no call of this denoiser runs was reached around its hooks (an xDiT wrapper): raise.
+        layers = [module.org_module[0] for module in applied_tlora_modules(denoiser)]
+        self._handles += BlockGuard(name, denoiser, layers, self.guard.running).handles
         # A mask left set by an interrupted call must not outlive the denoiser in LyCORIS's global storage
         # (the finalizer holds the group number only, so the modules are freed with the denoiser).
         self._finalizer = weakref.finalize(denoiser, clear_group, mode.group_id)

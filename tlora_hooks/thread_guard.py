@@ -44,6 +44,10 @@ class ThreadGuard:
             self._owner, self._owner_call = None, None
             return True
 
+    def running(self) -> bool:
+        """Whether a claimed call is running (cheap: a hot-path test, run per block by `BlockGuard`)."""
+        return self._owner is not None
+
     def reset(self) -> None:
         """Forget any owner (the hook was removed)."""
         self._owner, self._owner_call = None, None

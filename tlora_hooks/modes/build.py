@@ -9,8 +9,8 @@ from torch import nn
 from ..discovery import peft_wrapped_layers
 from ..errors import TLoRAError
 from .auto import resolve_auto
-from .chain import ChainLink
-from .combined import CombinedMode
+from .chain import ChainLink, HookNesting, dropped_error
+from .combined import CombinedMode, NestedMode
 from .factors import base_layer, foldable, has_offload_hook, takes_fast_mode
 from .fold import FoldMode
 from .low_memory import LowMemoryMode
@@ -46,19 +46,19 @@ def _mask_group(modules: list[TLoraModule], rest: list[TLoraModule], group_id: i
     """LyCORIS's mask API for every module: it runs `rest` (modules no fast mode takes) and publishes each call's
     mask in the denoiser's mask group, so `handle.mask_groups` and `get_timestep_mask(group)` mean the same in every
     mode."""
-    mode = LycorisMode(modules, group_id)
+    mode = LycorisMode(modules, group_id, runs=rest)
     mode.runs_modules = bool(rest)
     return mode
 
 
 def _lycoris(modules, group_id, denoiser=None) -> MaskMode:
-    return LycorisMode(modules, group_id)
+    return LycorisMode(modules, group_id, runs=modules)
 
 
 def _low_memory(modules, group_id, denoiser=None) -> MaskMode:
     fold, bypass, rest = split(modules, denoiser)
     fast = fold + bypass
-    parts = [LowMemoryMode(fast, group_id)] if fast else []
+    parts = [LowMemoryMode(fast, group_id, denoiser)] if fast else []
     return TrainingMode(CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id), modules, group_id)
 
 
@@ -66,7 +66,7 @@ def _fold(modules, group_id, denoiser=None) -> MaskMode:
     fold, bypass, rest = split(modules, denoiser)
     parts = [FoldMode(fold, group_id, denoiser)] if fold else []
     if bypass:
-        parts.append(LowMemoryMode(bypass, group_id))
+        parts.append(LowMemoryMode(bypass, group_id, denoiser))
     return TrainingMode(CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id), modules, group_id)
 
 
@@ -83,11 +83,28 @@ def check_mode(mode: str) -> None:
         raise TLoRAError(f"Unknown mode {mode!r}: use 'auto' (the default) or one of {sorted(MODES)}.")
 
 
+def check_forward_path(modules: list[TLoraModule], where: str) -> None:
+    """Raise if a module is no longer called by its layer's forward (a hook removed since dropped it)."""
+    dropped = [module for module in modules if ChainLink.slot(module) is None]
+    if dropped:
+        raise dropped_error(dropped, where)
+
+
 def build_mode(
     mode: str, modules: list[TLoraModule], group_id: int, denoiser: nn.Module | None = None
 ) -> MaskMode:
-    """The mode `mode` names, with "auto" resolved for these modules (and their denoiser's offloading hooks)."""
+    """The mode `mode` names, with "auto" resolved for these modules (and their denoiser's offloading hooks).
+
+    A module LyCORIS applied over an accelerate hook is first put inside it, so removing the hook keeps the module
+    in the forward (undone when the mode is removed)."""
     check_mode(mode)
-    if mode == "auto":
-        mode = resolve_auto(split(modules, denoiser)[0])
-    return MODES[mode](modules, group_id, denoiser)
+    nestings = HookNesting.wherever_needed(modules)
+    try:
+        if mode == "auto":
+            mode = resolve_auto(split(modules, denoiser)[0])
+        built = MODES[mode](modules, group_id, denoiser)
+    except BaseException:
+        for nesting in nestings:
+            nesting.undo()
+        raise
+    return NestedMode(built, nestings) if nestings else built

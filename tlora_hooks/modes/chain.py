@@ -1,14 +1,22 @@
-"""Taking a LyCORIS T-LoRA module's delta out of its layer's forward, and putting it back exactly.
+"""Where a LyCORIS T-LoRA module sits in its layer's forward chain: taking its delta out and putting it back
+exactly, keeping it inside an accelerate hook, and checking that it is still called.
 
 LyCORIS `apply_to()` chains forwards: `layer.forward` is the outermost wrapper's `forward`, and each wrapper calls
 the previous one through `org_forward`. The fast modes must stop LyCORIS from also adding its delta, yet leave
 `_lycoris_wrappers` alone, so discovery and `mode="lycoris"` still find the module after `remove()`.
+
+Hooks that rewrite `layer.forward` keep the previous forward elsewhere: accelerate in `layer._old_forward`, diffusers'
+HookRegistry in its function references. Removing such a hook puts that previous forward back, so a LyCORIS module
+applied *after* the hook (its `org_forward` is the hook's forward) silently drops out of the chain.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from torch import nn
+
+from ..errors import TLoRAError
 from ..logging import get_logger
 from .factors import base_layer
 
@@ -33,11 +41,9 @@ class ChainLink:
 
     @staticmethod
     def slot(module: TLoraModule) -> tuple[Any, str] | None:
-        """Where `module.forward` is called from, if LyCORIS put it there (not behind an offloading hook)."""
-        layer = base_layer(module)
-        wrappers = layer.__dict__.get("_lycoris_wrappers", ())
-        slots = [(layer, "forward")] + [(wrapper, "org_forward") for wrapper in wrappers if wrapper is not module]
-        for holder, attribute in slots:
+        """Where `module.forward` is called from: the layer's `forward`, an outer wrapper's `org_forward`, or the
+        place a forward-rewriting hook keeps the forward it wraps; None if nothing in the chain calls it."""
+        for holder, attribute in forward_slots(base_layer(module), besides=module):
             if holder.__dict__.get(attribute) == module.forward:
                 return holder, attribute
         return None
@@ -79,3 +85,101 @@ class BypassOverride:
             module.bypass_forward = self._instance_bypass
         else:
             module.__dict__.pop("bypass_forward", None)
+
+
+def forward_slots(layer: nn.Module, besides: TLoraModule | None = None) -> list[tuple[Any, str]]:
+    """Every (holder, attribute) of a layer's forward chain that may hold a wrapper's forward."""
+    slots = [(layer, "forward"), (layer, "_old_forward")]  # accelerate's add_hook_to_module
+    wrappers = layer.__dict__.get("_lycoris_wrappers", ())
+    slots += [(wrapper, "org_forward") for wrapper in wrappers if wrapper is not besides]
+    for reference in getattr(layer.__dict__.get("_diffusers_hook"), "_fn_refs", ()):
+        slots += [(reference, "forward"), (reference, "original_forward")]
+    return slots
+
+
+def dropped_error(modules: list[TLoraModule], where: str) -> TLoRAError:
+    names = ", ".join(module.lora_name for module in modules[:3]) + (", ..." if len(modules) > 3 else "")
+    return TLoRAError(
+        f"{len(modules)} T-LoRA module(s) of {where} are no longer in their layers' forward ({names}), so they would "
+        "not run at all. A hook added before LyCORIS's apply_to() and removed since (accelerate's remove_hook_from_"
+        "module, `pipe.remove_all_hooks()`, `enable_model_cpu_offload()` after `enable_sequential_cpu_offload()`) "
+        "puts back the forward it wrapped. Apply the network again (`network.apply_to()`) or `load_tlora` again, "
+        "then enable T-LoRA."
+    )
+
+
+class ForwardPathCheck:
+    """Raises on the first call after one of `modules` dropped out of its layer's forward chain.
+
+    Per call and module it tests that the slot where the module was found still holds the same object (one dict
+    lookup and an identity test); only when one changed does it look for the modules in their chains again.
+    """
+
+    def __init__(self, modules: list[TLoraModule], where: str) -> None:
+        self.modules = modules
+        self.where = where
+        self._find()
+
+    def _find(self) -> None:
+        """(the slot holder's __dict__, attribute, the object there) for each module; raise for modules not found."""
+        slots, dropped = [], []
+        for module in self.modules:
+            found = ChainLink.slot(module)
+            if found is None:
+                dropped.append(module)
+                continue
+            holder, attribute = found
+            slots.append((holder.__dict__, attribute, holder.__dict__[attribute]))
+        self.slots = slots
+        if dropped:
+            raise dropped_error(dropped, self.where)
+
+    def check(self) -> None:
+        if not all(namespace.get(attribute) is seen for namespace, attribute, seen in self.slots):
+            self._find()
+
+
+class HookNesting:
+    """Puts a LyCORIS module applied over an accelerate hook inside it instead (hook -> LyCORIS -> layer), so that
+    removing the hook leaves the module in the forward; `undo()` restores LyCORIS's own order.
+
+    accelerate's `remove_hook_from_module` sets `layer.forward = layer._old_forward`: with LyCORIS's forward there,
+    the module stays. LyCORIS's `restore()` then falls back to `_lycoris_original_forward`, the plain forward.
+    """
+
+    def __init__(self, module: TLoraModule) -> None:
+        self.module = module
+        self.layer = base_layer(module)
+        self.hook_forward = module.org_forward
+        self.plain_forward = self.layer.__dict__["_old_forward"]
+        self.lycoris_original = self.layer.__dict__.get("_lycoris_original_forward")
+        module.org_forward = self.plain_forward
+        self.layer._old_forward = module.forward
+        self.layer.forward = self.hook_forward
+        self.layer._lycoris_original_forward = self.plain_forward
+
+    @classmethod
+    def wherever_needed(cls, modules: list[TLoraModule]) -> list["HookNesting"]:
+        return [cls(module) for module in modules if cls._wraps_accelerate_hook(module)]
+
+    @staticmethod
+    def _wraps_accelerate_hook(module: TLoraModule) -> bool:
+        layer = base_layer(module)
+        outer = module.org_forward
+        return (
+            layer.__dict__.get("forward") == module.forward
+            and "_old_forward" in layer.__dict__
+            and "_hf_hook" in layer.__dict__
+            and getattr(getattr(outer, "func", None), "__module__", None) == "accelerate.hooks"
+            and getattr(outer, "args", (None,))[0] is layer
+        )
+
+    def undo(self) -> None:
+        """LyCORIS's order again where the hook is still there; where it was removed, LyCORIS is outermost already."""
+        layer, module = self.layer, self.module
+        if layer.__dict__.get("forward") is self.hook_forward and layer.__dict__.get("_old_forward") == module.forward:
+            layer._old_forward = self.plain_forward
+            module.org_forward = self.hook_forward
+            layer.forward = module.forward
+            if self.lycoris_original is not None:
+                layer._lycoris_original_forward = self.lycoris_original

@@ -39,3 +39,25 @@ class CombinedMode:
     def remove(self) -> None:
         while self.parts:
             self.parts.pop().remove()
+
+
+class NestedMode:
+    """A mode over modules that were put inside accelerate hooks (`chain.HookNesting`); its removal undoes that."""
+
+    def __init__(self, mode, nestings: list) -> None:
+        self.mode = mode
+        self.nestings = nestings
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["mode"], name)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.mode.set_mask(mask)
+
+    def clear_mask(self) -> None:
+        self.mode.clear_mask()
+
+    def remove(self) -> None:
+        self.mode.remove()
+        while self.nestings:
+            self.nestings.pop().undo()

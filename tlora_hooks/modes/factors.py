@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -94,9 +94,23 @@ def foldable(module: TLoraModule) -> bool:
 WEIGHT_MOVING_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting")
 
 
+# accelerate hooks that leave the weights where they are: (class name, test on the hook). An AlignDevicesHook
+# without `offload` only moves the inputs to its device (`dispatch_model` with a multi-GPU `device_map`).
+WEIGHT_KEEPING_ACCELERATE_HOOKS = {"AlignDevicesHook": lambda hook: not hook.offload}
+
+
+def moves_weights(hook: Any) -> bool:
+    """Whether an accelerate hook moves its module's weights per call (any hook it does not know: yes)."""
+    parts = getattr(hook, "hooks", None)
+    if type(hook).__name__ == "SequentialHook" and parts is not None:
+        return any(moves_weights(part) for part in parts)
+    keeps = WEIGHT_KEEPING_ACCELERATE_HOOKS.get(type(hook).__name__)
+    return keeps is None or not keeps(hook)
+
+
 def has_offload_hook(module: nn.Module) -> bool:
     """Whether accelerate (`_hf_hook`: cpu offload) or a diffusers hook moves or recasts its weights per call."""
-    if hasattr(module, "_hf_hook"):
+    if hasattr(module, "_hf_hook") and moves_weights(module._hf_hook):
         return True
     registry = getattr(module, "_diffusers_hook", None)
     hooks = getattr(registry, "hooks", {})

@@ -11,15 +11,18 @@ Extra memory: the factors (2r·(in + out) values per module) plus the masked cop
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..logging import get_logger
-from .chain import BypassOverride
+from .chain import BypassOverride, ForwardPathCheck
 from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
+from .placement import execution_devices
 from .stacked import StackedMode
 from .training import TrainingRoute
 
@@ -32,11 +35,12 @@ logger = get_logger(__name__)
 class BypassLayer:
     """One layer's forward: its own output plus the masked low-rank delta, from views into its stack's factors."""
 
-    __slots__ = ("org_forward", "a", "b_t", "stack")
+    __slots__ = ("module", "org_forward", "a", "b_t", "stack")
 
-    def __init__(self, module: TLoraModule, stack: "BypassStack") -> None:
+    def __init__(self, module: TLoraModule) -> None:
+        self.module = module
         self.org_forward = module.org_forward
-        self.stack = stack
+        self.stack: BypassStack | None = None  # set when the mode groups its layers, on the first denoiser call
         self.a: torch.Tensor | None = None
         self.b_t: torch.Tensor | None = None  # Bᵀ, a view made once: one dispatch less per call
 
@@ -45,12 +49,20 @@ class BypassLayer:
         y = self.org_forward(x)
         a, b_t = self.a, self.b_t
         if a is None or a.dtype != x.dtype or a.device != x.device:
-            a, b_t = self.stack.factors_for(self, x)
+            a, b_t = self.factors_for(x)
         h = F.linear(x, a)
         if y.dtype == h.dtype == b_t.dtype and y.is_contiguous():  # else autocast, or a non-contiguous output
             y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_t)
             return y
         return y + (h @ b_t).to(y.dtype)
+
+    def factors_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors for an input the stack was not built for; unmasked (all ranks, as LyCORIS with no mask set)
+        before the first denoiser call has grouped the layers."""
+        if self.stack is not None:
+            return self.stack.factors_for(self, x)
+        a, b = delta_factors(self.module, x.device, x.dtype)
+        return a, b.t()
 
 
 class BypassStack:
@@ -62,11 +74,14 @@ class BypassStack:
     as LyCORIS's forward with no mask set.
     """
 
-    def __init__(self, modules: list[TLoraModule], dtype: torch.dtype) -> None:
-        self.modules = modules
-        self.rank = modules[0].lora_dim
+    def __init__(self, layers: list[BypassLayer], dtype: torch.dtype, home: torch.device | None = None) -> None:
+        self.layers = layers
+        self.modules = [layer.module for layer in layers]
+        self.rank = self.modules[0].lora_dim
         self.dtype = dtype
-        self.layers = [BypassLayer(module, self) for module in modules]
+        self.home = home  # where a device map runs these layers; None: on the device of the denoiser's inputs
+        for layer in layers:
+            layer.stack = self
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
         self.source: torch.Tensor | None = None  # the unmasked thinner factor
@@ -125,31 +140,50 @@ class BypassStack:
 
 
 class LowMemoryMode(StackedMode):
-    """Runs each module's delta beside its untouched base layer. Extra memory: the factors, built on the first call."""
+    """Runs each module's delta beside its untouched base layer. Extra memory: the factors, built on the first call,
+    each stack on the device its layers run on."""
 
     name = "low_memory"
 
-    def __init__(self, modules: list[TLoraModule], group_id: int) -> None:
+    def __init__(self, modules: list[TLoraModule], group_id: int, denoiser: nn.Module | None = None) -> None:
         self.group_id = group_id
         self.mask_dtype = compute_dtype(modules)
-        by_key: dict[tuple, list[TLoraModule]] = defaultdict(list)
-        for module in modules:
-            by_key[(module.lora_dim, module.shape[0], module.shape[1], layer_dtype(module))].append(module)
-        self.stacks = [BypassStack(members, dtype or self.mask_dtype) for (*_, dtype), members in by_key.items()]
-        self.overrides = [
-            BypassOverride(module, layer)
-            for stack in self.stacks
-            for module, layer in zip(stack.modules, stack.layers)
+        self._denoiser = weakref.ref(denoiser) if denoiser is not None else lambda: None
+        self.layers = [BypassLayer(module) for module in modules]
+        self.overrides = [BypassOverride(layer.module, layer) for layer in self.layers]
+        self.stacks: list[BypassStack] = []
+        self.path_check = ForwardPathCheck(modules, "the low_memory mode")
+
+    @property
+    def modules(self) -> list[TLoraModule]:
+        return [layer.module for layer in self.layers]
+
+    def group(self, call_device: torch.device) -> None:
+        """Stack same-shaped layers that run on one device: on the call's device unless a device map (or an
+        offloading hook) runs them elsewhere. Done on the first call, when hooks added after enabling are there."""
+        devices = execution_devices(self._denoiser(), [base_layer(layer.module) for layer in self.layers])
+        by_key: dict[tuple, list[BypassLayer]] = defaultdict(list)
+        for layer, device in zip(self.layers, devices):
+            module = layer.module
+            home = device if device is not None and device != call_device else None
+            by_key[(home, module.lora_dim, module.shape[0], module.shape[1], layer_dtype(module))].append(layer)
+        self.stacks = [
+            BypassStack(members, dtype or self.mask_dtype, home) for (home, *_, dtype), members in by_key.items()
         ]
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        doubled: dict[int, torch.Tensor] = {}
+        self.path_check.check()
+        if not self.stacks:
+            self.group(mask.device)
+        doubled: dict[tuple, torch.Tensor] = {}
         with torch.no_grad():
             for stack in self.stacks:
-                stack.follow(mask.device)
-                if stack.rank not in doubled:
-                    doubled[stack.rank] = doubled_mask(mask, stack.rank)
-                stack.set_mask(doubled[stack.rank])
+                device = mask.device if stack.home is None else stack.home
+                stack.follow(device)
+                key = (stack.rank, device)
+                if key not in doubled:  # one small copy per device and call, none per layer
+                    doubled[key] = doubled_mask(mask, stack.rank).to(device, non_blocking=True)
+                stack.set_mask(doubled[key])
 
     def clear_mask(self) -> None:
         with torch.no_grad():

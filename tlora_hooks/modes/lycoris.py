@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..errors import TLoRAError
+from .chain import ForwardPathCheck
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
@@ -20,9 +21,11 @@ class LycorisMode:
     # False where the fast modes run every module and this one only publishes the mask in the group.
     runs_modules = True
 
-    def __init__(self, modules: list[TLoraModule], group_id: int) -> None:
+    def __init__(self, modules: list[TLoraModule], group_id: int, runs: list[TLoraModule] | None = None) -> None:
         self.modules = modules
         self.group_id = group_id
+        # The modules whose LyCORIS forward this mode runs must stay in their layers' forward chains.
+        self.path_check = ForwardPathCheck(modules if runs is None else runs, "the lycoris mode")
         self._original_groups = [module.mask_group_id for module in modules]
         for module in modules:
             module.mask_group_id = group_id
@@ -38,6 +41,7 @@ class LycorisMode:
         return 0
 
     def set_mask(self, mask: torch.Tensor) -> None:
+        self.path_check.check()
         set_group_mask(mask, self.group_id)
 
     def set_sample_masks(self, masks: torch.Tensor) -> None:

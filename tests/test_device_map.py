@@ -1,0 +1,238 @@
+"""A denoiser split across devices by accelerate (a model-level `device_map` run through `AlignDevicesHook`s), and the
+order of LyCORIS and accelerate hooks.
+
+On the CPU the split is CPU / disk / meta (offloaded weights); the multi-device placement is checked on GPUs
+(`gpu` tests at the end). The reference is LyCORIS's own forward with the mask set by hand
+(`compat_tools` toy denoiser), or the uncomposed hooked run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
+
+import tiny
+from compat_tools import StepToyDenoiser, toy_with_tlora
+from tlora_hooks import TLoRAError, disable_tlora, enable_tlora
+from tlora_hooks.discovery import applied_tlora_modules
+from tlora_hooks.hooks import installed_hook
+from tlora_hooks.modes.low_memory import BypassStack
+
+TIMESTEPS = (999, 700, 400, 100)
+SCHEDULE = (8, 1, 1.0)
+
+
+def scheduler():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler()
+    scheduler.set_timesteps(4)
+    return scheduler
+
+
+def sample(device="cpu") -> torch.Tensor:
+    return torch.randn(2, 16, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def reference(toy, device="cpu") -> list[torch.Tensor]:
+    """LyCORIS's own forward, the mask of each timestep set by hand (no hooks)."""
+    outputs = []
+    for t in TIMESTEPS:
+        set_timestep_mask(compute_timestep_mask(t, 1000, *SCHEDULE))
+        try:
+            outputs.append(toy(sample(device), timestep=torch.tensor(t)).cpu())
+        finally:
+            clear_timestep_mask()
+    return outputs
+
+
+def hooked(toy, device="cpu") -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [toy(sample(device), timestep=torch.tensor(t, device=device)).cpu() for t in TIMESTEPS]
+
+
+@pytest.fixture
+def conversions(monkeypatch) -> list:
+    """Every per-call conversion of low_memory factors to a layer's device or dtype."""
+    seen = []
+    original = BypassStack.factors_for
+
+    def counting(stack, layer, x):
+        seen.append((x.device, x.dtype))
+        return original(stack, layer, x)
+
+    monkeypatch.setattr(BypassStack, "factors_for", counting)
+    return seen
+
+
+# -- offloaded weights (CPU / disk / meta) ------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["disk", "cpu_offload"])
+def test_dispatched_with_offloaded_weights(where, tmp_path, conversions):
+    """Offloaded blocks keep their weights on meta and load them per call: the low_memory mode, its factors
+    built once on the execution device, the masked output exact."""
+    from accelerate import cpu_offload, dispatch_model
+
+    toy = toy_with_tlora()
+    expected = reference(toy)
+    if where == "disk":
+        dispatch_model(toy, device_map={"blocks.0": "cpu", "blocks.1": "disk"}, main_device="cpu",
+                       offload_dir=str(tmp_path))
+    else:
+        cpu_offload(toy, execution_device=torch.device("cpu"))  # what enable_sequential_cpu_offload does
+    assert toy.blocks[1].proj_in.weight.device.type == "meta"
+    handle = enable_tlora(toy, *SCHEDULE, scheduler=scheduler())
+    assert handle.mode == {"StepToyDenoiser": "low_memory"}
+    for _ in range(2):
+        for out, want in zip(hooked(toy), expected):
+            torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    assert conversions == [], "no factor is converted per call"
+
+
+def test_weight_keeping_device_hooks_keep_the_fold_mode():
+    """An AlignDevicesHook without offload (a multi-GPU device_map's) only moves inputs: fold stays available."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    toy = toy_with_tlora()
+    expected = reference(toy)
+    for index, block in enumerate(toy.blocks):
+        add_hook_to_module(block, AlignDevicesHook(execution_device="cpu", io_same_device=index == 0))
+    handle = enable_tlora(toy, *SCHEDULE, scheduler=scheduler())
+    assert handle.mode == {"StepToyDenoiser": "fold"}
+    for out, want in zip(hooked(toy), expected):
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+
+# -- LyCORIS before or after accelerate hooks, hooks removed afterwards ----------------------------------------------
+def hook_leaves(toy) -> None:
+    """accelerate hooks on every layer (what a device map or sequential offload puts there), weights kept."""
+    from accelerate.hooks import attach_align_device_hook
+
+    attach_align_device_hook(toy, execution_device=torch.device("cpu"))
+
+
+def remove_hooks(toy) -> None:
+    """What `pipe.remove_all_hooks()` (and so `enable_model_cpu_offload()`) does to each component."""
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(toy, recurse=True)
+
+
+def toy_lycoris_over_hooks():
+    """The toy with accelerate hooks on its layers, then LyCORIS applied over them (same weights as toy_with_tlora)."""
+    torch.manual_seed(0)
+    plain = StepToyDenoiser()
+    hook_leaves(plain)
+    network = tiny.apply_tlora(plain, 8, targets=("ToyBlock",))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in network.loras:
+            module.lambda_layer.add_(torch.randn(module.lambda_layer.shape, generator=generator))
+    return plain
+
+
+def test_lycoris_applied_over_hooks_is_dropped_by_their_removal_without_tlora_hooks():
+    """The hazard itself, in LyCORIS and accelerate alone: the T-LoRA silently stops running."""
+    toy = toy_lycoris_over_hooks()
+    with torch.no_grad():
+        with_lora = toy(sample(), timestep=None)
+        remove_hooks(toy)
+        after = toy(sample(), timestep=None)
+    assert applied_tlora_modules(toy), "LyCORIS still lists its modules"
+    assert (with_lora - after).abs().max() > 1e-3, "yet they no longer run"
+
+
+@pytest.mark.parametrize("mode", ["auto", "low_memory", "lycoris"])
+@pytest.mark.parametrize("order", ["lycoris_then_hooks", "hooks_then_lycoris"])
+def test_hook_order_and_removal_keep_the_tlora(order, mode):
+    expected = reference(toy_with_tlora())
+    if order == "lycoris_then_hooks":
+        toy = toy_with_tlora()
+        hook_leaves(toy)
+    else:
+        toy = toy_lycoris_over_hooks()
+    handle = enable_tlora(toy, *SCHEDULE, mode=mode, scheduler=scheduler())
+    for out, want in zip(hooked(toy), expected):
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    remove_hooks(toy)
+    for out, want in zip(hooked(toy), expected):
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    handle.remove()
+    with torch.no_grad():  # LyCORIS's own unmasked forward after disabling: every module still runs
+        unmasked = toy(sample(), timestep=None)
+    set_timestep_mask(torch.ones(1, 8))
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(toy(sample(), timestep=None), unmasked)
+    finally:
+        clear_timestep_mask()
+
+
+def test_hooks_removed_before_enable_are_refused():
+    toy = toy_lycoris_over_hooks()
+    remove_hooks(toy)
+    with pytest.raises(TLoRAError, match="no longer in their layers' forward"):
+        enable_tlora(toy, *SCHEDULE, scheduler=scheduler())
+
+
+@pytest.mark.parametrize("mode", ["low_memory", "lycoris"])
+def test_a_dropped_module_raises_on_the_next_call(mode):
+    """A diffusers hook added to the layers before LyCORIS and removed after enable_tlora drops the modules; the
+    next call raises instead of running without them."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    torch.manual_seed(0)
+    toy = StepToyDenoiser()
+    layers = [layer for block in toy.blocks for layer in (block.proj_in, block.proj_out)]
+    for layer in layers:
+        HookRegistry.check_if_exists_or_initialize(layer).register_hook(ModelHook(), "outer")
+    tiny.apply_tlora(toy, 8, targets=("ToyBlock",))
+    enable_tlora(toy, *SCHEDULE, mode=mode, scheduler=scheduler())
+    hooked(toy)
+    for layer in layers:
+        layer._diffusers_hook.remove_hook("outer")
+    with pytest.raises(TLoRAError, match="4 T-LoRA module\\(s\\) of the .* mode are no longer"):
+        hooked(toy)
+    disable_tlora(toy)
+
+
+# -- several devices --------------------------------------------------------------------------------------------------
+def split_toy(devices: tuple[str, str]):
+    """The toy's blocks on two devices, run through accelerate hooks (what dispatch_model does with this map)."""
+    from accelerate import dispatch_model
+
+    toy = toy_with_tlora()
+    expected = reference(toy)
+    for module in applied_tlora_modules(toy):  # LyCORIS keeps its modules outside the model: place them too
+        module.to(devices[0] if module.lora_name.startswith("lycoris_blocks_0") else devices[1])
+    dispatch_model(toy, device_map={"blocks.0": devices[0], "blocks.1": devices[1]})
+    return toy, expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["auto", "low_memory"])
+@pytest.mark.parametrize(
+    "devices",
+    [
+        pytest.param(("cuda:0", "cuda:1"), marks=pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                                    reason="needs two CUDA devices")),
+        pytest.param(("cuda:0", "cpu"), marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device")),
+    ],
+)
+def test_split_denoiser_keeps_each_layers_state_on_its_device(devices, mode, conversions):
+    toy, expected = split_toy(devices)
+    handle = enable_tlora(toy, *SCHEDULE, mode=mode, scheduler=scheduler())
+    for _ in range(2):
+        for out, want in zip(hooked(toy, devices[0]), expected):
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert conversions == [], "no factor is converted per call"
+    assert stack_devices(toy) == {torch.device(device) for device in devices}
+    assert handle.mode["StepToyDenoiser"] == ("fold" if mode == "auto" else "low_memory")
+
+
+def stack_devices(denoiser) -> set[torch.device]:
+    """Where the fast mode on `denoiser` keeps its stacked state (fold: W0 and factors; low_memory: factors)."""
+    mode = installed_hook(denoiser).mode
+    stacks = [stack for part in mode.parts for stack in getattr(part, "stacks", [])]
+    return {stack.a.device for stack in stacks}

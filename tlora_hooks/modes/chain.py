@@ -43,8 +43,9 @@ class ChainLink:
     def slot(module: TLoraModule) -> tuple[Any, str] | None:
         """Where `module.forward` is called from: the layer's `forward`, an outer wrapper's `org_forward`, or the
         place a forward-rewriting hook keeps the forward it wraps; None if nothing in the chain calls it."""
+        forwards = module_forwards(module)
         for holder, attribute in forward_slots(base_layer(module), besides=module):
-            if holder.__dict__.get(attribute) == module.forward:
+            if holder.__dict__.get(attribute) in forwards:
                 return holder, attribute
         return None
 
@@ -85,6 +86,12 @@ class BypassOverride:
             module.bypass_forward = self._instance_bypass
         else:
             module.__dict__.pop("bypass_forward", None)
+
+
+def module_forwards(module: TLoraModule) -> tuple[Callable, ...]:
+    """What a chain slot holds when it calls the module: its forward, and its class's forward bound to it, which
+    `apply_to()` put there before a hook (accelerate's sequential offload) rewrapped the module's own `forward`."""
+    return module.forward, type(module).forward.__get__(module)
 
 
 def forward_slots(layer: nn.Module, besides: TLoraModule | None = None) -> list[tuple[Any, str]]:

@@ -153,3 +153,19 @@ def test_what_save_tlora_refuses(tmp_path):
     network = create_tlora(pipe, CONFIG)
     with pytest.raises(TLoRAError, match="a .safetensors path or a folder"):
         save_tlora(network, tmp_path / "x.pt")
+
+
+def test_a_loaded_adapter_is_frozen_and_trains_further_once_unfrozen(trained):
+    """load_tlora loads an inference adapter: with the base frozen, nothing trains, so an optimizer built from
+    `requires_grad` (a textual inversion's, another adapter's) gets none of it; `requires_grad_(True)` resumes it."""
+    path, _, _ = trained
+    pipe, _ = tiny.sdxl(rank=None, steps=3)
+    pipe.unet.requires_grad_(False)
+    load_tlora(pipe, path)
+    network = pipe.unet.tlora["default"]
+    assert len(list(network.parameters())) == 3 * 40
+    assert not [p for p in pipe.unet.parameters() if p.requires_grad]
+    network.requires_grad_(True)
+    loaded = [p.detach().clone() for p in network.parameters()]
+    train(pipe.unet, network, steps=1)
+    assert all(not torch.equal(p, q) for p, q in zip(network.parameters(), loaded)), "every parameter trained"

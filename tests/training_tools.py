@@ -142,8 +142,9 @@ def toy(kind: str, batch: int = 4) -> TrainingCase:
 
 
 # -- tiny SDXL UNet and Flux transformer, called as diffusers' DreamBooth LoRA scripts call them -------------------
-def sdxl(batch: int = 4) -> TrainingCase:
-    """int64 (B,) timesteps, positional: `unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=...)`."""
+def sdxl(batch: int = 4, prompt_embeds: torch.Tensor | None = None) -> TrainingCase:
+    """int64 (B,) timesteps, positional: `unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=...)`.
+    `prompt_embeds` (batch, 8, 64) replaces the random ones (a textual inversion's trainable embeddings)."""
     unet = tiny.unet(cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
                      addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
     network = tiny.add_tlora(unet, RANK)
@@ -151,6 +152,7 @@ def sdxl(batch: int = 4) -> TrainingCase:
     generator = torch.Generator().manual_seed(3)
     noisy = torch.randn(batch, 4, 8, 8, generator=generator)
     embeds = torch.randn(batch, 8, 64, generator=generator)
+    embeds = embeds if prompt_embeds is None else prompt_embeds
     added = {"text_embeds": torch.randn(batch, 32, generator=generator),
              "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]]).repeat(batch, 1)}
 

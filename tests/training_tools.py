@@ -149,6 +149,12 @@ def sdxl(batch: int = 4, prompt_embeds: torch.Tensor | None = None) -> TrainingC
                      addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
     network = tiny.add_tlora(unet, RANK)
     trainable(unet, network)
+    return sdxl_case(unet, network, batch, prompt_embeds)
+
+
+def sdxl_case(unet: nn.Module, network: LycorisNetwork, batch: int = 4, prompt_embeds: torch.Tensor | None = None
+              ) -> TrainingCase:
+    """`sdxl`'s inputs and call for a UNet of `tiny.sdxl`'s layout that already holds `network`."""
     generator = torch.Generator().manual_seed(3)
     noisy = torch.randn(batch, 4, 8, 8, generator=generator)
     embeds = torch.randn(batch, 8, 64, generator=generator)

@@ -213,7 +213,7 @@ def test_create_tlora_on_a_modular_pipeline_trains_each_sample_by_its_own_rank()
     classic, _ = tiny.sdxl(rank=None)
     modular = modular_twin(CASES["modular_sdxl"], classic)
     modular.unet.requires_grad_(False)
-    network = tt.perturbed(create_tlora(modular, TLORA_CONFIG))
+    network = tiny.perturbed(create_tlora(modular, TLORA_CONFIG))
     assert modular.unet.tlora["default"] is network and len(network.loras) == 40
     assert {id(p) for p in modular.unet.parameters() if p.requires_grad} == {id(p) for p in network.parameters()}
     assert installed_hook(modular.unet) is not None

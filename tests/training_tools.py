@@ -85,17 +85,6 @@ def batched_step(case: TrainingCase, timesteps: torch.Tensor | None = None):
     return out.detach(), gradients(case.network)
 
 
-def perturbed(network: LycorisNetwork, seed: int = 1, scale: float = 0.3) -> LycorisNetwork:
-    """Every factor moved away from its SVD init, so the adapter changes the output (as tiny.add_tlora does)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in network.loras:
-            for parameter in (module.q_layer.weight, module.p_layer.weight, module.lambda_layer):
-                noise = torch.randn(parameter.shape, generator=generator)
-                parameter.add_(noise * scale * parameter.abs().mean().clamp_min(0.1))
-    return network
-
-
 # -- a toy denoiser: one layer kind, the inputs it is fed -------------------------------------------------------------
 class ToyBlock(nn.Module):
     """Two same-shaped layers with a nonlinearity between them (the first one's gradient flows through the second)."""
@@ -135,7 +124,7 @@ def toy(kind: str, batch: int = 4) -> TrainingCase:
     with lycoris_without_gc():
         network = create_lycoris(denoiser, 1.0, linear_dim=RANK, linear_alpha=RANK, algo="tlora")
     network.apply_to()
-    perturbed(network)
+    tiny.perturbed(network, seed=1)
     trainable(denoiser, network)
     x = torch.randn(batch, *TOY_INPUTS[kind][1:], generator=torch.Generator().manual_seed(2))
     return TrainingCase(denoiser, network, lambda rows, t: denoiser(x[rows], t), torch.tensor(TIMESTEPS), batch, x)

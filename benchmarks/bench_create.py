@@ -15,7 +15,6 @@ Prints one JSON line per result; the last line starts with RESULT.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tlora_hooks and devtools/ without installing
 
-from bench_load import SIZES, TARGETS, build_unet, environment, logging_quiet, sync, target_layers  # noqa: E402
+from bench_load import TARGETS, setup, sync  # noqa: E402
 from lycoris import LycorisNetwork, create_lycoris  # noqa: E402
 
 from devtools.lycoris_build import lycoris_without_gc  # noqa: E402
@@ -86,44 +85,31 @@ def product_difference(ours: LycorisNetwork, theirs: LycorisNetwork) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=list(SIZES), default=None, help="default: sdxl on CUDA, mid on CPU")
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=None, help="default: 3 on CPU, 2 on CUDA")
-    parser.add_argument("--lycoris-modules", type=int, default=None,
-                        help="LyCORIS builds only this many modules, extrapolated (default: all on CPU, 24 on CUDA)")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = args.size or ("sdxl" if device == "cuda" else "mid")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    subset = args.lycoris_modules if args.lycoris_modules is not None else (24 if device == "cuda" else None)
-    reps = args.reps or (2 if device == "cuda" else 3)
-    logging_quiet()
-
-    unet = build_unet(size, device, dtype)
-    layers = target_layers(unet)
+    bench = setup(__doc__, "builds")
+    unet, layers, device, rank, subset, reps = (
+        bench.unet, bench.layers, bench.device, bench.rank, bench.subset, bench.reps
+    )
     paths = {module: name for name, module in unet.named_modules()}
     names = None if subset is None else [paths[layer] for layer in list(layers.values())[:subset]]
     timed = len(layers) if subset is None else subset
-    result = {"bench": "create_tlora", **environment(device), "size": size, "dtype": str(dtype).replace("torch.", ""),
-              "modules": len(layers), "lycoris_modules_timed": timed, "rank": args.rank}
+    result = {**bench.result("create_tlora"), "lycoris_modules_timed": timed}
     samples: dict[str, list[float]] = {key: [] for key in ("create_tlora", "create_tlora_subset", "lycoris",
                                                           "lycoris_no_gc")}
     for repetition in range(reps):
-        elapsed, network = time_create_tlora(unet, args.rank, preset_for(None), device)
+        elapsed, network = time_create_tlora(unet, rank, preset_for(None), device)
         samples["create_tlora"].append(elapsed)
         assert len(network.loras) == len(layers)
         unload_tlora(unet)
         if subset is not None:
-            samples["create_tlora_subset"].append(time_create_tlora(unet, args.rank, preset_for(names), device)[0])
+            samples["create_tlora_subset"].append(time_create_tlora(unet, rank, preset_for(names), device)[0])
             unload_tlora(unet)
         for key, collect in (("lycoris", True), ("lycoris_no_gc", False)):
-            elapsed, theirs = time_lycoris(unet, args.rank, preset_for(names), device, collect)
+            elapsed, theirs = time_lycoris(unet, rank, preset_for(names), device, collect)
             samples[key].append(elapsed)
             assert len(theirs.loras) == timed
             theirs.restore()
             if repetition == 0 and collect:
-                _, ours = time_create_tlora(unet, args.rank, preset_for(names), device)
+                _, ours = time_create_tlora(unet, rank, preset_for(names), device)
                 result.update(product_difference(ours, theirs))
                 unload_tlora(unet)
             del theirs

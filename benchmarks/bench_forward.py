@@ -10,9 +10,9 @@ costs ~1 min for SDXL). Modules stay fp32 on the device, as LyCORIS builds them 
 
 Variants, interleaved (after one untimed round, each repetition runs every variant in a rotated order), medians:
   plain           LyCORIS removed (`network.restore()`): the cost of a merged LoRA, the 1.00x floor
-  lycoris         enable_tlora(mode="lycoris"): LyCORIS's standard forward, SimpleTuner's path
+  lycoris         enable_tlora(mode="lycoris"): LyCORIS's standard forward, as SimpleTuner runs it
   lycoris_bypass  same, with LyCORIS `bypass_mode` (modules cast to the model dtype by hand)
-  low_memory, fold, auto   this library's paths
+  low_memory, fold, auto   this library's modes
   fold_baddbmm    (CUDA) "fold" with the fused Triton kernel switched off (TLORA_HOOKS_FUSED_FOLD=0)
 The mask changes on every call (timesteps spread from 999 to 0). Prints a table and one `RESULT {json}` line per
 model with versions, device, date, ratios to plain, peak memory, the extra memory each handle reports, and each

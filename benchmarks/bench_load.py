@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -206,31 +207,60 @@ def environment(device: str) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclass(frozen=True)
+class Setup:
+    """What this benchmark and bench_create.py share: the command line read with the device's defaults, and the
+    UNet it asks for with its target layers. `subset` is how many modules LyCORIS runs on (None: all)."""
+
+    rank: int
+    reps: int
+    subset: int | None
+    device: str
+    size: str
+    dtype: torch.dtype
+    unet: torch.nn.Module
+    layers: dict[str, torch.nn.Linear]
+
+    def result(self, bench: str) -> dict:
+        """The head of the RESULT line: what was measured, where, on which model."""
+        return {"bench": bench, **environment(self.device), "size": self.size,
+                "dtype": str(self.dtype).replace("torch.", ""), "modules": len(self.layers), "rank": self.rank}
+
+
+def setup(description: str, lycoris_step: str) -> Setup:
+    """Parse the shared options (`lycoris_step` names what LyCORIS does per module), quiet the logs, build the UNet:
+    the full SDXL UNet in bf16 on CUDA, LyCORIS on 24 modules; the mid-size one in fp32 on CPU, LyCORIS on all."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default=None, help="default: sdxl on CUDA, mid on CPU")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--reps", type=int, default=None, help="default: 3 on CPU, 2 on CUDA")
-    parser.add_argument("--lycoris-modules", type=int, default=None,
-                        help="LyCORIS loads only this many modules, extrapolated (default: all on CPU, 24 on CUDA)")
+    parser.add_argument("--lycoris-modules", type=int, default=None, help=f"LyCORIS {lycoris_step} only this many "
+                        "modules, extrapolated (default: all on CPU, 24 on CUDA)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = args.size or ("sdxl" if device == "cuda" else "mid")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    subset = args.lycoris_modules if args.lycoris_modules is not None else (24 if device == "cuda" else None)
-    reps = args.reps or (2 if device == "cuda" else 3)
     logging_quiet()
-
     unet = build_unet(size, device, dtype)
-    layers = target_layers(unet)
-    result = {"bench": "load_tlora", **environment(device), "size": size, "dtype": str(dtype).replace("torch.", ""),
-              "modules": len(layers), "rank": args.rank, "default_method": rebuild.DEFAULT_DECOMPOSITION}
+    return Setup(
+        rank=args.rank, reps=args.reps or (2 if device == "cuda" else 3),
+        subset=args.lycoris_modules if args.lycoris_modules is not None else (24 if device == "cuda" else None),
+        device=device, size=size, dtype=dtype, unet=unet, layers=target_layers(unet),
+    )
+
+
+def main() -> None:
+    bench = setup(__doc__, "loads")
+    unet, layers, device, rank, subset, reps = (
+        bench.unet, bench.layers, bench.device, bench.rank, bench.subset, bench.reps
+    )
+    result = {**bench.result("load_tlora"), "default_method": rebuild.DEFAULT_DECOMPOSITION}
     # First the per-method rebuild projection: the cheapest figure, and the one that picks the default.
-    result["rebuild_projected_s"] = decomposition_timings(layers, args.rank, device)
+    result["rebuild_projected_s"] = decomposition_timings(layers, rank, device)
     print(json.dumps(result), flush=True)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "tlora.safetensors")
-        write_tlora_file(layers, args.rank, path, torch.bfloat16)
+        write_tlora_file(layers, rank, path, torch.bfloat16)
         subset_sd = None
         if subset is not None:
             from safetensors.torch import load_file
@@ -256,7 +286,7 @@ def main() -> None:
             mine = applied_tlora_modules(unet)
             elapsed, network = time_lycoris(unet, path, device, weights_sd=subset_sd)
             theirs.append(elapsed)
-            result["max_abs_delta_difference"] = max_delta_difference(mine, network.loras, args.rank)
+            result["max_abs_delta_difference"] = max_delta_difference(mine, network.loras, rank)
             network.restore()
             del network
             unload_tlora(unet)

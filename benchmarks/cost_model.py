@@ -1,12 +1,13 @@
-"""What each path adds to a denoiser call, counted (not timed) on the meta device: FLOPs, kernels, bytes.
+"""What each mode adds to a denoiser call, counted (not timed) on the meta device: FLOPs, kernels, bytes.
 
     python benchmarks/cost_model.py          # SDXL 1024² batch 2 and Flux 4+8 blocks 1024², bf16, rank 64
 
 Runs the published-config denoisers on meta tensors (no memory, no weights) under torch's FLOP counter and counts the
 kernel-launching operators of one plain call; the T-LoRA layers and their token counts come from the same LyCORIS
-network the benchmarks use. Floors, not timings: the bypass adds 2·tokens·2r·(in + out) FLOPs and two kernels per
-layer; the fold reads W0 and writes W once per call (2 × the targeted weights' bytes) plus the thin matmul's FLOPs.
-Also the extra memory each path holds (what `handle.extra_memory_bytes` reports), from the layer shapes.
+network the benchmarks use. Floors, not timings: `low_memory`'s bypass adds 2·tokens·2r·(in + out) FLOPs and two
+kernels per layer; the fold reads W0 and writes W once per call (2 × the targeted weights' bytes) plus the thin
+matmul's FLOPs.
+Also the extra memory each mode holds (what `handle.extra_memory_bytes` reports), from the layer shapes.
 """
 
 from __future__ import annotations

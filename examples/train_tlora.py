@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,15 +41,25 @@ FLUX_GUIDANCE = 3.5  # the guidance embedded while training a guidance-distilled
 
 
 # -- the two families ----------------------------------------------------------------------------------------------
-class SDXL:
-    """UNet, epsilon (or v) prediction on DDPM timesteps, called positionally with one int64 timestep per sample."""
+class Family:
+    """What a family names: its pipeline class, the attribute holding its denoiser, the scheduler it trains with
+    (built from the pipeline's scheduler config, as diffusers' scripts build it)."""
 
-    denoiser = "unet"
+    pipeline: str
+    denoiser: str
+    training_scheduler: str
 
     def load(self, name: str, dtype: torch.dtype) -> Any:
-        from diffusers import StableDiffusionXLPipeline
+        return getattr(diffusers, self.pipeline).from_pretrained(name, torch_dtype=dtype)
 
-        return StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype)
+    def noise_scheduler(self, pipe: Any) -> Any:
+        return getattr(diffusers, self.training_scheduler).from_config(pipe.scheduler.config)
+
+
+class SDXL(Family):
+    """UNet, epsilon (or v) prediction on DDPM timesteps, called positionally with one int64 timestep per sample."""
+
+    pipeline, denoiser, training_scheduler = "StableDiffusionXLPipeline", "unet", "DDPMScheduler"
 
     def tiny(self) -> Any:
         from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -74,11 +85,6 @@ class SDXL:
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
-    def noise_scheduler(self, pipe: Any) -> Any:
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler.from_config(pipe.scheduler.config)
-
     def loss(self, unet, config, scheduler, latents: torch.Tensor, embeds: dict, resolution: int) -> torch.Tensor:
         batch = latents.shape[0]
         noise = torch.randn_like(latents)
@@ -95,15 +101,10 @@ class SDXL:
         return F.mse_loss(prediction.float(), target.float())
 
 
-class Flux:
+class Flux(Family):
     """Transformer on packed latents, flow matching on the scheduler's shifted sigmas, called with t / 1000."""
 
-    denoiser = "transformer"
-
-    def load(self, name: str, dtype: torch.dtype) -> Any:
-        from diffusers import FluxPipeline
-
-        return FluxPipeline.from_pretrained(name, torch_dtype=dtype)
+    pipeline, denoiser, training_scheduler = "FluxPipeline", "transformer", "FlowMatchEulerDiscreteScheduler"
 
     def tiny(self) -> Any:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -127,11 +128,6 @@ class Flux:
                     "pooled_prompt_embeds": torch.randn(1, 32, generator=generator)}
         prompt_embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-
-    def noise_scheduler(self, pipe: Any) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     def loss(self, transformer, config, scheduler, latents: torch.Tensor, embeds: dict, resolution: int
              ) -> torch.Tensor:

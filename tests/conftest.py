@@ -34,7 +34,7 @@ class RankProbe:
         self._handles = []
         original = TLoraModule._get_mask
         # Only LyCORIS's own forward reads the mask per module, so while probing, "auto" means mode="lycoris"; the
-        # fast paths are checked against that mode, output by output, in test_modes.py.
+        # fast modes are checked against that mode, output by output, in test_modes.py.
         monkeypatch.setattr(mode_build, "resolve_auto", lambda foldable: "lycoris")
 
         def recording_get_mask(module, device):

@@ -54,6 +54,7 @@ def test_cost_model_counts_each_layer_once(run):
 
 def test_bench_load_times_the_cached_load_and_its_hit_equals_the_rebuild(run):
     (result,) = run("bench_load.py", "--size", "tiny", "--reps", "1", "--rank", "8", "--lycoris-modules", "2")
+    assert (result["size"], result["rank"]) == ("tiny", 8)  # the options bench_create shares
     assert result["cache_hit_bit_identical"] is True
     assert result["load_tlora_cache_cold_s"] > 0 and result["load_tlora_cache_hit_s"] > 0
     assert result["cache_key_weight_checksums_s"] > 0 and result["cache_file_mib"] > 0
@@ -75,6 +76,7 @@ def test_bench_train_times_every_variant_and_its_gradients_equal_the_lycoris_loo
 
 def test_bench_create_builds_what_lycoris_builds(run):
     (result,) = run("bench_create.py", "--size", "tiny", "--reps", "1", "--rank", "8", "--lycoris-modules", "2")
+    assert (result["size"], result["rank"]) == ("tiny", 8)  # the options bench_load shares
     assert result["lycoris_modules_timed"] == 2 and result["modules"] > 2
     assert result["create_tlora_s"] > 0 and result["lycoris_s"] > 0 and result["lycoris_no_gc_s"] > 0
     assert result["max_rel_product_difference"] < 1e-4 and result["max_rel_lambda_difference"] < 1e-5

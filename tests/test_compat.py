@@ -20,7 +20,7 @@ from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import STATE_ATTRIBUTE
 
 SDXL_SCHEDULE = (8, 1, 1.0)
-# The rank probe reads LyCORIS's own per-module mask lookup; the fast paths are compared with it in test_modes.py,
+# The rank probe reads LyCORIS's own per-module mask lookup; the fast modes are compared with it in test_modes.py,
 # and under offloading in test_default_mode_under_offloading below.
 MODE = "lycoris"
 

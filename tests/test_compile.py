@@ -1,4 +1,4 @@
-"""`torch.compile(denoiser)` with the fast paths: the rank changes every call, the graph is not recompiled.
+"""`torch.compile(denoiser)` with the fast modes: the rank changes every call, the graph is not recompiled.
 
 Recompiles are decided by dynamo's guards before any backend runs, so a backend that only counts the graphs it is
 handed (and runs them eagerly) sees the same recompiles inductor would, without inductor's compile time on CPU.

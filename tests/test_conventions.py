@@ -117,7 +117,7 @@ def test_register_convention_teaches_a_toy_denoiser(key, private_table, rank_pro
     for t in scheduler.timesteps:
         level = 1 - float(t) / 1000
         cleaner = min(level + 0.05, 1.0)
-        with torch.no_grad():  # inference calls: with autograd and a trainable adapter they would be training calls
+        with torch.no_grad():  # inference calls: with autograd they would be training calls
             model(x, torch.tensor([[cleaner, level, 1.0]]))  # positional, per token: the noisiest (lowest level) wins
             model(x, noise_level=torch.tensor([level, level]))  # keyword
     expected = [lycoris_rank(t, 1000, 8) for t in scheduler.timesteps for _ in (0, 1)]

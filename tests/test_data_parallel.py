@@ -18,20 +18,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lycoris.logging import logger as lycoris_logger
+from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
 from torch.nn.parallel import DistributedDataParallel
 
 import tiny
 from devtools.measure import relative_error
-from tlora_hooks import create_tlora
+from tlora_hooks import create_tlora, disable_tlora
 
 WORLD_SIZE = 2
 RANK, MIN_RANK = 8, 1
 CONFIG = {"algo": "tlora", "linear_dim": RANK, "linear_alpha": RANK, "tlora_min_rank": MIN_RANK}
-# One timestep for the whole batch and LyCORIS's own forward, which holds one mask per call. Once the hooks train with
-# one mask per sample, use distinct timesteps (e.g. [100, 400, 700, 950]) and the default mode.
-MODE = "lycoris"
-TIMESTEPS = torch.tensor([500, 500, 500, 500])
-ACTIVE_RANKS = 4  # int(0.5 * (8 - 1)) + 1 at t = 500 of 1000
+# One timestep per sample, of four different ranks (1, 3, 5, 7 at R = 8), in the default mode: each process masks
+# each of its samples by its own rank.
+TIMESTEPS = torch.tensor([999, 700, 400, 50])
 WRAPPERS = ("ddp", "accelerate", "fsdp2")
 TIMEOUT_S = 300
 
@@ -46,11 +45,11 @@ def batch() -> dict[str, torch.Tensor]:
     }
 
 
-def trainable_unet():
+def trainable_unet(mode: str = "auto"):
     """The tiny UNet, frozen, with a fresh T-LoRA whose parameters are the only trainable ones."""
     unet = tiny.unet()
     unet.requires_grad_(False)
-    create_tlora(unet, CONFIG, mode=MODE)
+    create_tlora(unet, CONFIG, mode=mode)
     return unet
 
 
@@ -98,7 +97,7 @@ def run_wrappers(rank: int, port: int, folder: str) -> None:
     loss_of(model, shard(samples, rank)).backward()
     results["ddp"] = (tlora_gradients(unet), None)
 
-    unet = trainable_unet()
+    unet = trainable_unet(mode="low_memory")  # FSDP shards the weights the fold would rewrite
     for block in [*unet.down_blocks, *unet.up_blocks]:
         fully_shard(block)
     fully_shard(unet)
@@ -150,12 +149,29 @@ def test_gradients_are_synchronised_and_equal_the_whole_batch(per_process, whole
         assert relative_error(first[name], reference) <= 1e-5, name
 
 
-@pytest.mark.parametrize("wrapper", WRAPPERS)
-def test_the_hooks_mask_every_wrapped_call(per_process, wrapper):
-    """Ranks above the timestep's rank get no gradient: the mask was set inside the wrapped forward."""
-    lambdas = [grad for name, grad in per_process[0][wrapper][0].items() if name.endswith("lambda_layer")]
-    assert lambdas
-    assert all(grad[:, ACTIVE_RANKS:].eq(0).all() and grad[:, :ACTIVE_RANKS].ne(0).any() for grad in lambdas)
+def lycoris_sample_by_sample(masked: bool = True) -> dict[str, torch.Tensor]:
+    """LyCORIS's own forward (hooks removed), one sample at a time with the (1, R) mask of its own timestep: the
+    whole batch's gradients, computed without the hooks."""
+    unet = trainable_unet()
+    disable_tlora(unet)
+    samples = batch()
+    for index, timestep in enumerate(samples["timestep"].tolist()):
+        if masked:
+            set_timestep_mask(compute_timestep_mask(timestep, 1000, RANK, MIN_RANK))
+        try:
+            one = {key: value[index : index + 1] for key, value in samples.items()}
+            (loss_of(unet, one) / len(samples["timestep"])).backward()  # the batch loss is a mean over samples
+        finally:
+            clear_timestep_mask()
+    return tlora_gradients(unet)
+
+
+def test_the_whole_batch_masks_each_sample_as_lycoris_does(whole_batch):
+    """So the wrapped runs, equal to it, masked each sample of each process by its own rank."""
+    reference, unmasked = lycoris_sample_by_sample(), lycoris_sample_by_sample(masked=False)
+    assert max(relative_error(unmasked[name], reference[name]) for name in reference) > 1e-2, "masks must matter"
+    for name, gradient in whole_batch.items():
+        assert relative_error(gradient, reference[name]) <= 1e-5, name
 
 
 def test_accelerate_gave_each_process_its_own_half(per_process):

@@ -67,7 +67,7 @@ def test_invalid_settings_leave_the_pipeline_as_it_was(sdxl, settings, words):
 def test_enabling_again_with_bad_settings_keeps_the_working_hooks(sdxl):
     pipe, kw = sdxl
     handle = enable_tlora(pipe, max_rank=8)
-    pipe(**kw)  # "auto" settles its paths on the first call; the outputs compared below are from later calls
+    pipe(**kw)  # "auto" finishes its setup on the first call; the outputs compared below are from later calls
     try:
         assert_unchanged(pipe, kw, lambda: enable_tlora(pipe, max_rank=8, alpha=-1.0))
         assert handle.denoisers == ["unet"]

@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 from tlora_hooks import load_tlora
+from tlora_hooks.modes.training import TrainingMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import train_tlora  # noqa: E402
 
 PROMPT = "a photo of sks dog"
-# The hooks' mode while training. LyCORIS's own forward holds one mask per call, so one sample per batch; once the
-# hooks train with one mask per sample, drop --mode and train at the default batch size.
-TRAINING = ["--mode", "lycoris", "--train_batch_size", "1"]
+# The default mode at batch 2 (of three images: batches of 2 and 1), one timestep per sample.
+TRAINING = ["--train_batch_size", "2"]
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +51,22 @@ def denoise(pipe, family, dtype, seed=1):
     return pipe(**embeds, latents=latents, num_inference_steps=3, height=16, width=16, output_type="latent")[0]
 
 
+@pytest.fixture
+def training_ranks(monkeypatch):
+    """The ranks of the samples of every training call, as the hooks handed them to the mode."""
+    ranks = []
+    set_sample_masks = TrainingMode.set_sample_masks
+
+    def recording(self, masks):
+        ranks.append(masks.sum(dim=1).tolist())
+        set_sample_masks(self, masks)
+
+    monkeypatch.setattr(TrainingMode, "set_sample_masks", recording)
+    return ranks
+
+
 @pytest.mark.parametrize("model, precision", [("sdxl", "no"), ("flux", "bf16")])
-def test_three_steps_then_load_tlora_reproduces_the_trained_output(images, tmp_path, model, precision):
+def test_three_steps_then_load_tlora_reproduces_the_trained_output(images, tmp_path, model, precision, training_ranks):
     args = train_tlora.parse_args([
         "--model", model, "--tiny", "--instance_data_dir", images, "--instance_prompt", PROMPT,
         "--output_dir", str(tmp_path), "--resolution", "16", "--max_train_steps", "3", "--learning_rate", "1e-2",
@@ -60,6 +74,7 @@ def test_three_steps_then_load_tlora_reproduces_the_trained_output(images, tmp_p
         "--validation_steps", "2", "--seed", "0", *TRAINING,
     ])
     trained = train_tlora.train(args)
+    assert any(len(set(ranks)) == 2 for ranks in training_ranks), f"one rank per sample at batch 2: {training_ranks}"
     assert trained.path == str(tmp_path / "pytorch_lora_weights.safetensors")
     assert os.path.isfile(tmp_path / "validation_0.png")
     assert all(not torch.equal(m.lambda_layer, m.base_lambda) for m in trained.network.loras), "three steps trained"

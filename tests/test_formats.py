@@ -149,6 +149,16 @@ def test_a_missing_file_is_a_tlora_error(tmp_path):
         read_tlora_file(tmp_path / "nope.safetensors")
 
 
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_the_cli_names_a_missing_file_in_one_line_and_exits_2(tmp_path, capsys, command):
+    missing = str(tmp_path / "nope.safetensors")
+    output = [str(tmp_path / "out.safetensors")] if command == "convert" else []
+    assert main([command, missing, *output]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("tlora-hooks: ") and captured.err.count("\n") == 1
+    assert missing in captured.err and not (tmp_path / "out.safetensors").exists()
+
+
 def test_a_checkpoint_folder_resolves_to_its_weights_file(tmp_path, sdxl_unet):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "optimizer.safetensors"))
     state = tlora_files.official_state(sdxl_unet, 4, "vanilla")

@@ -1,5 +1,6 @@
-"""Modular Diffusers: `enable_tlora` and `load_tlora` take a `ModularPipeline`, and every denoiser call gets the rank
-the classic pipeline gives on the same inputs; the scheduler is read from the pipeline's components on every call.
+"""Modular Diffusers: `enable_tlora`, `load_tlora` and `create_tlora` take a `ModularPipeline`, and every denoiser
+call gets the rank the classic pipeline gives on the same inputs; the scheduler is read from the pipeline's components
+on every call; an adapter `create_tlora` makes there trains each sample by its own rank.
 
 Each case builds the family's modular core denoise step offline (`...CoreDenoiseStep().init_pipeline()`, then
 `update_components` with the tiny classic pipeline's own denoisers and a copy of its scheduler) and calls both with
@@ -18,10 +19,13 @@ import torch
 
 import tiny
 import tlora_files
+import training_tools as tt
 from compat_tools import hook_counts
 from conftest import lycoris_rank
-from tlora_hooks import TLoRAError, disable_tlora, enable_tlora, load_tlora, unload_tlora
+from devtools.measure import relative_error
+from tlora_hooks import TLoRAError, create_tlora, disable_tlora, enable_tlora, load_tlora, unload_tlora
 from tlora_hooks.discovery import components_of
+from tlora_hooks.hooks import installed_hook
 
 # Both pipelines share the classic one's denoisers; these are the classic call's options the modular blocks take
 # elsewhere (the guider's scale) or not at all (the output type).
@@ -197,3 +201,45 @@ def test_a_modular_pipeline_whose_denoiser_has_no_row_is_refused():
     with pytest.raises(TLoRAError, match="each Cosmos pipeline passes a different timestep.*timestep_fn="):
         enable_tlora(modular, max_rank=8)
     assert hook_counts(transformer) == (0, 0)
+
+
+# -- create_tlora on a modular pipeline -------------------------------------------------------------------------------
+TLORA_CONFIG = {"algo": "tlora", "linear_dim": 8, "linear_alpha": 8, "tlora_min_rank": 2, "tlora_alpha": 0.5}
+
+
+def test_create_tlora_on_a_modular_pipeline_trains_each_sample_by_its_own_rank():
+    """The adapter goes on the pipeline's UNet, registered under it, and a training call with four timesteps of four
+    ranks gives LyCORIS's own gradients, sample by sample (the same call with the hooks removed)."""
+    classic, _ = tiny.sdxl(rank=None)
+    modular = modular_twin(CASES["modular_sdxl"], classic)
+    modular.unet.requires_grad_(False)
+    network = tiny.perturbed(create_tlora(modular, TLORA_CONFIG))
+    assert modular.unet.tlora["default"] is network and len(network.loras) == 40
+    assert {id(p) for p in modular.unet.parameters() if p.requires_grad} == {id(p) for p in network.parameters()}
+    assert installed_hook(modular.unet) is not None
+    case = tt.sdxl_case(modular.unet, network)
+    _, grads = tt.batched_step(case)
+    disable_tlora(modular)
+    expected = tt.lycoris_per_sample(case, min_rank=2, alpha=0.5)[1]
+    _, unmasked = tt.lycoris_per_sample(case, masked=False)
+    assert max(relative_error(unmasked[name], expected[name]) for name in expected) > 1e-2, "the masks must matter"
+    for name, gradient in grads.items():
+        assert relative_error(gradient, expected[name]) <= 1e-5, name
+
+
+def test_create_tlora_on_a_modular_pipeline_masks_every_call_as_the_classic_pipeline(rank_probe):
+    """A scheduler with 500 training timesteps: hooks that did not read the modular pipeline's scheduler (T = 1000)
+    would give other ranks."""
+    classic, kw = tiny.sdxl(rank=None)
+    classic.scheduler = type(classic.scheduler).from_config(classic.scheduler.config, num_train_timesteps=500)
+    modular = modular_twin(CASES["modular_sdxl"], classic)
+    create_tlora(modular, TLORA_CONFIG)
+    probe = StepRanks(rank_probe, modular, ["unet"])
+    modular(**{key: value for key, value in kw.items() if key not in CLASSIC_ONLY}, output="latents")
+    seen = by_step(probe.calls())
+
+    enable_tlora(classic, max_rank=8, min_rank=2, alpha=0.5)  # the same UNet and adapter, the classic hooks
+    probe = StepRanks(rank_probe, classic, ["unet"])
+    classic(**kw)
+    assert seen == by_step(probe.calls())
+    assert all(len(ranks) == 1 for ranks in seen.values()) and len({min(r) for r in seen.values()}) > 1

@@ -112,7 +112,7 @@ def rebuilt_base_terms(layers, rank: int, workers: int) -> list[torch.Tensor]:
 
 
 def test_concurrent_batches_give_the_same_bits_as_one_at_a_time(monkeypatch):
-    """Several worker threads over many small batches of several shape groups, under the caller's inference mode,
+    """Several worker threads over many small batches of several shapes, under the caller's inference mode,
     write exactly what a sequential rebuild writes."""
     import tlora_hooks.rebuild as rebuild
 

@@ -25,19 +25,18 @@ CONFIG = {
     "algo": "tlora", "multiplier": 1.0, "linear_dim": 8, "linear_alpha": 4, "tlora_min_rank": 2, "tlora_alpha": 0.5,
     "apply_preset": PRESET,
 }
-# One timestep per batch: LyCORIS's forward (mode "lycoris") holds one mask per call. With per-sample training masks,
-# draw one timestep per sample and use the default mode.
-TRAINING_MODE = "lycoris"
+# One timestep per sample, of four different ranks at R = 8, min_rank 2, alpha 0.5 (3, 5, 6, 7).
+TIMESTEPS = torch.tensor([950, 650, 350, 50])
 
 
 def latents(seed=1):
     return torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
-def sdxl_batch(step: int, size: int = 2) -> dict:
-    """Noisy latents, one timestep, text states and SDXL's added conditions for the tiny UNet."""
+def sdxl_batch(step: int, size: int = len(TIMESTEPS)) -> dict:
+    """Noisy latents, one timestep per sample, text states and SDXL's added conditions for the tiny UNet."""
     generator = torch.Generator().manual_seed(100 + step)
-    timestep = torch.randint(0, 1000, (1,), generator=generator).expand(size)
+    timestep = TIMESTEPS[:size]
     return dict(
         sample=torch.randn(size, 4, 4, 4, generator=generator), timestep=timestep,
         encoder_hidden_states=torch.randn(size, 8, 64, generator=generator),
@@ -63,13 +62,13 @@ def trained(tmp_path_factory):
     """A T-LoRA trained three steps on the tiny SDXL: its file, its pipeline output and its UNet output at t=500."""
     pipe, kw = tiny.sdxl(rank=None, steps=3)
     pipe.unet.requires_grad_(False)
-    network = create_tlora(pipe, CONFIG, mode=TRAINING_MODE)
+    network = create_tlora(pipe, CONFIG)
     initial = [p.detach().clone() for p in network.parameters()]
     train(pipe.unet, network)
     assert all(not torch.equal(p, q) for p, q in zip(network.parameters(), initial)), "every parameter trained"
     path = save_tlora(network, tmp_path_factory.mktemp("trained") / "tlora.safetensors")
     with torch.no_grad():
-        unet_output = pipe.unet(**sdxl_batch(99) | {"timestep": torch.tensor([500, 500])}).sample
+        unet_output = pipe.unet(**sdxl_batch(99) | {"timestep": torch.full((4,), 500)}).sample
     return path, run(pipe, kw, latents()), unet_output
 
 
@@ -105,7 +104,7 @@ def test_lycoris_reads_the_file(trained):
     set_timestep_mask(compute_timestep_mask(500, 1000, 8, 2, 0.5))
     try:
         with torch.no_grad():
-            output = unet(**sdxl_batch(99) | {"timestep": torch.tensor([500, 500])}).sample
+            output = unet(**sdxl_batch(99) | {"timestep": torch.full((4,), 500)}).sample
     finally:
         clear_timestep_mask()
     assert len(network.loras) == 40 and relative_error(output, reference) < 1e-5
@@ -116,7 +115,7 @@ def test_other_initialisations_save_their_base_and_reload_exactly(tmp_path):
     pipe, kw = tiny.sdxl(rank=None, steps=3)
     pipe.unet.requires_grad_(False)
     torch.manual_seed(0)
-    network = create_tlora(pipe, CONFIG | {"apply_preset": preset}, mode=TRAINING_MODE)
+    network = create_tlora(pipe, CONFIG | {"apply_preset": preset})
     train(pipe.unet, network, steps=1)
     reference = run(pipe, kw, latents())
     path = save_tlora(pipe, tmp_path / "random.safetensors")
@@ -124,7 +123,7 @@ def test_other_initialisations_save_their_base_and_reload_exactly(tmp_path):
         assert sum(key.endswith(".base_q") for key in handle.keys()) == len(network.loras)
     fresh, _ = tiny.sdxl(rank=None, steps=3)
     fresh.unet.requires_grad_(False)  # as the trained one: CPU kernels for frozen weights round differently
-    load_tlora(fresh, path, mode=TRAINING_MODE)
+    load_tlora(fresh, path)
     assert torch.equal(run(fresh, kw, latents()), reference)
 
 
@@ -153,3 +152,19 @@ def test_what_save_tlora_refuses(tmp_path):
     network = create_tlora(pipe, CONFIG)
     with pytest.raises(TLoRAError, match="a .safetensors path or a folder"):
         save_tlora(network, tmp_path / "x.pt")
+
+
+def test_a_loaded_adapter_is_frozen_and_trains_further_once_unfrozen(trained):
+    """load_tlora loads an inference adapter: with the base frozen, nothing trains, so an optimizer built from
+    `requires_grad` (a textual inversion's, another adapter's) gets none of it; `requires_grad_(True)` resumes it."""
+    path, _, _ = trained
+    pipe, _ = tiny.sdxl(rank=None, steps=3)
+    pipe.unet.requires_grad_(False)
+    load_tlora(pipe, path)
+    network = pipe.unet.tlora["default"]
+    assert len(list(network.parameters())) == 3 * 40
+    assert not [p for p in pipe.unet.parameters() if p.requires_grad]
+    network.requires_grad_(True)
+    loaded = [p.detach().clone() for p in network.parameters()]
+    train(pipe.unet, network, steps=1)
+    assert all(not torch.equal(p, q) for p, q in zip(network.parameters(), loaded)), "every parameter trained"

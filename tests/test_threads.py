@@ -47,7 +47,7 @@ def test_two_pipelines_in_two_threads_match_running_alone():
     latents = [torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
     with one_core_per_op():
         for pipe in jobs.values():
-            run(pipe, kw, latents[0])  # the default mode settles its paths on its first call
+            run(pipe, kw, latents[0])  # the default mode finishes its setup on its first call
         alone = {name: [run(pipe, kw, x) for x in latents] for name, pipe in jobs.items()}
     assert not torch.equal(alone["first"][0], alone["second"][0])
 

@@ -12,8 +12,9 @@ from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, ge
 import training_tools as tt
 from devtools.measure import relative_error
 from tlora_hooks import TLoRAError, enable_tlora
+from tlora_hooks.call_rank import CallRank
 from tlora_hooks.checkpointing import CheckpointWrappers, MaskReplayingCheckpoint
-from tlora_hooks.hooks import DenoiserHook, installed_hook
+from tlora_hooks.hooks import installed_hook
 from tlora_hooks.modes.per_sample import get_sample_masks
 
 FAST_MODES = ("auto", "fold", "low_memory")
@@ -62,21 +63,43 @@ def test_one_training_call_equals_lycoris_sample_by_sample(name):
         assert_close(outputs, grads, reference_outputs, reference_grads, what=f"{name}, {mode}")
 
 
-def test_training_calls_are_told_by_grad_mode_and_trainable_parameters(monkeypatch):
-    """Under no_grad the parameters are not even scanned; with grad but a frozen adapter, the call is inference."""
+def test_every_grad_enabled_call_is_a_training_call_and_no_grad_calls_skip_it(monkeypatch):
+    """Grad mode alone decides: under no_grad no per-sample masks are built; with grad, a frozen adapter's call takes
+    the per-sample forward too."""
     case = tt.toy("linear_tokens")
+    case.network.requires_grad_(False)
     with enable(case, "fold"):
         hook = installed_hook(case.denoiser)
         with torch.no_grad(), monkeypatch.context() as patch:
-            patch.setattr(DenoiserHook, "trains", lambda self: pytest.fail("scanned under no_grad"))
-            inference = case.call(slice(None), case.timesteps[:1])
-        case.network.requires_grad_(False)
-        frozen = case.call(slice(None), case.timesteps[:1])
+            patch.setattr(CallRank, "sample_masks", lambda *_: pytest.fail("per-sample masks under no_grad"))
+            case.call(slice(None), case.timesteps[:1])
         assert not hook.mode.routed_for_training
-        case.network.requires_grad_(True)
-        case.call(slice(None), case.timesteps[:1])
+        case.call(slice(None), case.timesteps)
         assert hook.mode.routed_for_training
-    assert relative_error(frozen, inference) <= TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["fold", "low_memory"])
+def test_a_frozen_adapter_under_autograd_gives_what_trains_lycoris_gradients_with_checkpointing(mode):
+    """Textual inversion over a loaded T-LoRA: the adapter frozen, the prompt embeddings trainable, gradient
+    checkpointing on, four samples of four ranks. The embeddings' gradients equal those of LyCORIS's own forward,
+    one sample at a time with its own mask (a fast mode's inference state would not survive the recompute)."""
+    embeddings = torch.nn.Parameter(torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(7)))
+    case = tt.sdxl(prompt_embeds=embeddings)
+    case.network.requires_grad_(False)
+    case.denoiser.enable_gradient_checkpointing()
+    reference_outputs, no_adapter_grads = tt.lycoris_per_sample(case)
+    assert not no_adapter_grads
+    reference = embeddings.grad.clone()
+    embeddings.grad = None
+    tt.lycoris_per_sample(case, masked=False)
+    assert relative_error(embeddings.grad, reference) > 1e3 * TOLERANCE, "the masks must matter"
+    embeddings.grad = None
+    with enable(case, mode):
+        with torch.no_grad():
+            case.call(slice(None), case.timesteps)  # a fast mode holds an inference call's state when autograd comes
+        outputs, _ = tt.batched_step(case)
+    assert relative_error(outputs, reference_outputs) <= TOLERANCE
+    assert relative_error(embeddings.grad, reference) <= TOLERANCE
 
 
 def test_per_token_timesteps_reduce_per_sample_and_one_timestep_serves_the_batch():

@@ -33,7 +33,11 @@ def apply_tlora(denoiser: torch.nn.Module, rank: int = 8, *, targets=TARGETS) ->
 
 def add_tlora(denoiser: torch.nn.Module, rank: int = 8, *, seed: int = 0, targets=TARGETS, scale: float = 0.3):
     """`apply_tlora`, then every factor perturbed so the adapter changes the output."""
-    network = apply_tlora(denoiser, rank, targets=targets)
+    return perturbed(apply_tlora(denoiser, rank, targets=targets), seed, scale)
+
+
+def perturbed(network: LycorisNetwork, seed: int = 0, scale: float = 0.3) -> LycorisNetwork:
+    """Every factor of a T-LoRA network moved away from its SVD init (noise at `scale` of its mean size)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in network.loras:

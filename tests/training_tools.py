@@ -85,17 +85,6 @@ def batched_step(case: TrainingCase, timesteps: torch.Tensor | None = None):
     return out.detach(), gradients(case.network)
 
 
-def perturbed(network: LycorisNetwork, seed: int = 1, scale: float = 0.3) -> LycorisNetwork:
-    """Every factor moved away from its SVD init, so the adapter changes the output (as tiny.add_tlora does)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in network.loras:
-            for parameter in (module.q_layer.weight, module.p_layer.weight, module.lambda_layer):
-                noise = torch.randn(parameter.shape, generator=generator)
-                parameter.add_(noise * scale * parameter.abs().mean().clamp_min(0.1))
-    return network
-
-
 # -- a toy denoiser: one layer kind, the inputs it is fed -------------------------------------------------------------
 class ToyBlock(nn.Module):
     """Two same-shaped layers with a nonlinearity between them (the first one's gradient flows through the second)."""
@@ -135,22 +124,30 @@ def toy(kind: str, batch: int = 4) -> TrainingCase:
     with lycoris_without_gc():
         network = create_lycoris(denoiser, 1.0, linear_dim=RANK, linear_alpha=RANK, algo="tlora")
     network.apply_to()
-    perturbed(network)
+    tiny.perturbed(network, seed=1)
     trainable(denoiser, network)
     x = torch.randn(batch, *TOY_INPUTS[kind][1:], generator=torch.Generator().manual_seed(2))
     return TrainingCase(denoiser, network, lambda rows, t: denoiser(x[rows], t), torch.tensor(TIMESTEPS), batch, x)
 
 
 # -- tiny SDXL UNet and Flux transformer, called as diffusers' DreamBooth LoRA scripts call them -------------------
-def sdxl(batch: int = 4) -> TrainingCase:
-    """int64 (B,) timesteps, positional: `unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=...)`."""
+def sdxl(batch: int = 4, prompt_embeds: torch.Tensor | None = None) -> TrainingCase:
+    """int64 (B,) timesteps, positional: `unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=...)`.
+    `prompt_embeds` (batch, 8, 64) replaces the random ones (a textual inversion's trainable embeddings)."""
     unet = tiny.unet(cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
                      addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
     network = tiny.add_tlora(unet, RANK)
     trainable(unet, network)
+    return sdxl_case(unet, network, batch, prompt_embeds)
+
+
+def sdxl_case(unet: nn.Module, network: LycorisNetwork, batch: int = 4, prompt_embeds: torch.Tensor | None = None
+              ) -> TrainingCase:
+    """`sdxl`'s inputs and call for a UNet of `tiny.sdxl`'s layout that already holds `network`."""
     generator = torch.Generator().manual_seed(3)
     noisy = torch.randn(batch, 4, 8, 8, generator=generator)
     embeds = torch.randn(batch, 8, 64, generator=generator)
+    embeds = embeds if prompt_embeds is None else prompt_embeds
     added = {"text_embeds": torch.randn(batch, 32, generator=generator),
              "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]]).repeat(batch, 1)}
 

@@ -21,7 +21,6 @@ from .errors import TLoRAError
 from .modes import MaskMode
 from .modes.lycoris import set_group_mask
 from .modes.per_sample import clear_sample_masks
-from .modes.training import tlora_parameters
 from .thread_guard import ThreadGuard
 
 STATE_ATTRIBUTE = "_tlora_hooks_state"
@@ -77,7 +76,6 @@ class DenoiserHook:
         self.denoiser_ref = weakref.ref(denoiser)
         self.guard = ThreadGuard(name)
         self.in_block = False  # owned by an open `with` block, which only its exit may end
-        self.parameters = tlora_parameters(mode.modules)
         self.checkpoints = CheckpointWrappers(denoiser, self)
         self._handles = [
             denoiser.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
@@ -100,16 +98,14 @@ class DenoiserHook:
         self.guard.claim()
         value = self.read_timestep(module, args, kwargs)
         device = compute_device(args, kwargs, fallback=_parameter_device(module))
-        if torch.is_grad_enabled() and self.trains():  # grad mode first: inference calls skip the scan
+        # Autograd recording: the exact per-sample forward, whether or not the adapter trains (gradients reach the
+        # inputs and whatever else trains; a fast mode's state would not survive a checkpointed recompute).
+        if torch.is_grad_enabled():
             batch = batch_size(args, kwargs, value)
             self.mode.set_sample_masks(self.call_rank.sample_masks(value, self.scheduler_source(), device, batch))
             self.checkpoints.wrap()
         else:
             self.mode.set_mask(self.mask_for(value, device))
-
-    def trains(self) -> bool:
-        """A call with autograd recording is a training call when some T-LoRA parameter requires grad."""
-        return any(parameter.requires_grad for parameter in self.parameters)
 
     @torch.compiler.disable
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

@@ -141,7 +141,9 @@ def load_tlora(
             file's folder may be read-only or shared. A cache that cannot be read or written warns and rebuilds.
 
     Returns:
-        `enable_tlora`'s `TLoRAHandle`; `unload_tlora(target)` removes the modules and the hooks.
+        `enable_tlora`'s `TLoRAHandle`; `unload_tlora(target)` removes the modules and the hooks. The adapter is
+        loaded frozen (`requires_grad=False`), for inference; `denoiser.tlora["default"].requires_grad_(True)`
+        trains it further.
     """
     check_mode(mode)
     check_cache_argument(cache_base)
@@ -285,6 +287,7 @@ def _build_network(
         weights = tlora_file.modules[key]
         module = _allocate(key, layer, weights, multiplier)
         _fill(module, weights)
+        module.requires_grad_(False)  # an inference adapter: `network.requires_grad_(True)` trains it further
         if weights.base is None:
             to_rebuild.append(module)
         network.loras.append(module)

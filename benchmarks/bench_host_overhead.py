@@ -5,8 +5,8 @@
 On an eager GPU run every layer call costs host time to launch its kernels; SDXL has 700 T-LoRA layers per call,
 so microseconds per layer decide whether the GPU waits for the host. Each targeted layer is called with a one-token
 input, so the kernels are negligible and the time is the host's: Python frames, dispatch, launches (on CUDA without
-synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_mask` + `clear_mask`), the
-fold's check for writes from outside alone (part of its `set_mask`), and the whole hook of an inference call
+synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_masks` + `clear_masks`), the
+fold's check for writes from outside alone (part of its `set_masks`), and the whole hook of an inference call
 (pre-hook + post-hook: reading the timestep, choosing the mask, setting and clearing it), which is where a call is
 told from a training call.
 Variants as in bench_forward.py; interleaved repetitions, medians. Prints a table and a `RESULT {json}` line.
@@ -42,16 +42,17 @@ def time_layers(layers, inputs, device, loops):
 
 
 def time_mask_update(model, mask, device, loops):
-    """Seconds per `set_mask` + `clear_mask` of the whole denoiser (what the mode adds per denoiser call)."""
+    """Seconds per `set_masks` + `clear_masks` of the whole denoiser (what the mode adds per denoiser call)."""
     from tlora_hooks.hooks import installed_hook
 
-    mode = installed_hook(model).mode
-    mask = mask.to(mode.mask_dtype)
+    hook = installed_hook(model)
+    mode = hook.mode
+    masks = {group: mask.to(mode.mask_dtype) for group in hook.tables}
     synchronize(device)
     start = time.perf_counter()
     for _ in range(loops):
-        mode.set_mask(mask)
-        mode.clear_mask()
+        mode.set_masks(masks)
+        mode.clear_masks()
     synchronize(device)
     return (time.perf_counter() - start) / loops
 

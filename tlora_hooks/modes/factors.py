@@ -51,6 +51,15 @@ def doubled_mask(mask: torch.Tensor, rank: int) -> torch.Tensor:
     return mask[0, :rank].repeat(2)
 
 
+# The adapters whose modules share one layer, in their order along the concatenated factors: (mask group, rank).
+Signature = tuple[tuple[int, int], ...]
+
+
+def signature_mask(masks: dict[int, torch.Tensor], signature: Signature) -> torch.Tensor:
+    """The mask of a layer's adapters' factors concatenated along the rank: each adapter's doubled mask in turn."""
+    return torch.cat([doubled_mask(masks[group], rank) for group, rank in signature])
+
+
 def factor_bytes(module: TLoraModule, dtype: torch.dtype) -> int:
     """Bytes of one module's A and B in `dtype`."""
     out_features, in_features = module.shape[0], module.shape[1]

@@ -6,7 +6,8 @@ B (G, out, 2r); the thinner of the two is masked once per call for the whole sta
 two extra matmuls and nothing else. It is reached through LyCORIS's own forward (its `bypass_mode` branch), which
 leaves the layers' forward chain alone, so hooks that wrap a layer later (sequential offload) stay in place.
 Extra memory: the factors (2r·(in + out) values per module) plus the masked copy of the thinner one
-(2r·min(in, out)), in the activations' dtype, on the activations' device.
+(2r·min(in, out)), in the activations' dtype, on the activations' device. Each adapter's modules stack apart, so a
+layer two adapters adapt runs each one's delta through its own LyCORIS module, the one inside the other.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..logging import get_logger
 from .chain import BypassOverride, ForwardPathCheck
 from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
 from .placement import execution_devices
+from .protocol import GroupMasks, GroupModules, group_of
 from .stacked import StackedMode
 from .training import TrainingRoute
 
@@ -66,16 +68,19 @@ class BypassLayer:
 
 
 class BypassStack:
-    """Modules of one rank, shape and dtype: their factors stacked into one tensor each, the thinner side masked in
-    place once per call.
+    """Modules of one adapter, rank, shape and dtype: their factors stacked into one tensor each, the thinner side
+    masked in place once per call.
 
     Built on the first call's device (the activations'), in the layers' compute dtype, before the denoiser runs,
     so a compiled denoiser traces one state. Outside a call the masked side holds the unmasked factor: all ranks,
     as LyCORIS's forward with no mask set.
     """
 
-    def __init__(self, layers: list[BypassLayer], dtype: torch.dtype, home: torch.device | None = None) -> None:
+    def __init__(
+        self, layers: list[BypassLayer], group: int, dtype: torch.dtype, home: torch.device | None = None
+    ) -> None:
         self.layers = layers
+        self.group = group
         self.modules = [layer.module for layer in layers]
         self.rank = self.modules[0].lora_dim
         self.dtype = dtype
@@ -145,8 +150,9 @@ class LowMemoryMode(StackedMode):
 
     name = "low_memory"
 
-    def __init__(self, modules: list[TLoraModule], group_id: int, denoiser: nn.Module | None = None) -> None:
-        self.group_id = group_id
+    def __init__(self, groups: GroupModules, denoiser: nn.Module | None = None) -> None:
+        self.group_of = group_of(groups)
+        modules = [module for group_modules in groups.values() for module in group_modules]
         self.mask_dtype = compute_dtype(modules)
         self._denoiser = weakref.ref(denoiser) if denoiser is not None else lambda: None
         self.layers = [BypassLayer(module) for module in modules]
@@ -166,26 +172,29 @@ class LowMemoryMode(StackedMode):
         for layer, device in zip(self.layers, devices):
             module = layer.module
             home = device if device is not None and device != call_device else None
-            by_key[(home, module.lora_dim, module.shape[0], module.shape[1], layer_dtype(module))].append(layer)
+            group = self.group_of[id(module)]
+            by_key[(home, group, module.lora_dim, module.shape[0], module.shape[1], layer_dtype(module))].append(layer)
         self.stacks = [
-            BypassStack(members, dtype or self.mask_dtype, home) for (home, *_, dtype), members in by_key.items()
+            BypassStack(members, group, dtype or self.mask_dtype, home)
+            for (home, group, *_, dtype), members in by_key.items()
         ]
 
-    def set_mask(self, mask: torch.Tensor) -> None:
+    def set_masks(self, masks: GroupMasks) -> None:
         self.path_check.check()
+        call_device = next(iter(masks.values())).device
         if not self.stacks:
-            self.group(mask.device)
+            self.group(call_device)
         doubled: dict[tuple, torch.Tensor] = {}
         with torch.no_grad():
             for stack in self.stacks:
-                device = mask.device if stack.home is None else stack.home
+                device = call_device if stack.home is None else stack.home
                 stack.follow(device)
-                key = (stack.rank, device)
-                if key not in doubled:  # one small copy per device and call, none per layer
-                    doubled[key] = doubled_mask(mask, stack.rank).to(device, non_blocking=True)
+                key = (stack.group, stack.rank, device)
+                if key not in doubled:  # one small copy per adapter, device and call, none per layer
+                    doubled[key] = doubled_mask(masks[stack.group], stack.rank).to(device, non_blocking=True)
                 stack.set_mask(doubled[key])
 
-    def clear_mask(self) -> None:
+    def clear_masks(self) -> None:
         with torch.no_grad():
             for stack in self.stacks:
                 if stack.masked is not None:

@@ -111,20 +111,22 @@ class CallRank:
     ) -> dict[int, torch.Tensor]:
         """Each table's (1, max_rank) mask for a received timestep value, by its key (the adapter's mask group),
         built without leaving the device."""
-        timestep, max_timestep = self.scheduler_timestep(value, scheduler)
+        timestep, max_timestep = self.scheduler_timestep(value, scheduler, tables)
         return {
             key: table.masks(timestep, max_timestep, dtype).to(device, non_blocking=True)
             for key, table in tables.items()
         }
 
-    def scheduler_timestep(self, value: Any, scheduler: Any) -> tuple[torch.Tensor, int]:
+    def scheduler_timestep(
+        self, value: Any, scheduler: Any, tables: dict[int, RankTable]
+    ) -> tuple[torch.Tensor, int]:
         """The call's noise-ward timestep on the scheduler's scale (a 0-d tensor, per-token values reduced by the
-        row's reduction) snapped to its schedule, and T (`num_train_timesteps`)."""
+        row's reduction) snapped to its schedule, and T (`num_train_timesteps`). `tables`: for the warning."""
         received = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
         convention = self.convention.for_scheduler(scheduler)  # EDM / continuous schedulers refine the row
         timesteps = convention.to_timestep(received.to(torch.float32))
         max_timestep = num_train_timesteps(scheduler)
-        self._warn_if_out_of_range(timesteps, max_timestep)
+        self._warn_if_out_of_range(timesteps, max_timestep, tables)
         timestep = REDUCTIONS[convention.reduce](timesteps.reshape(-1))
         return snap(timestep, received, convention, scheduler, max_timestep), max_timestep
 
@@ -144,7 +146,7 @@ class CallRank:
         convention = self.convention.for_scheduler(scheduler)
         timesteps = convention.to_timestep(received.to(torch.float32)).reshape(rows, -1)
         max_timestep = num_train_timesteps(scheduler)
-        self._warn_if_out_of_range(timesteps, max_timestep)
+        self._warn_if_out_of_range(timesteps, max_timestep, tables)
         per_sample = REDUCTIONS[convention.reduce](timesteps, dim=1)
         per_sample = torch.nan_to_num(per_sample, nan=float(max_timestep)).clamp(0, max_timestep)
         whole = per_sample.round()
@@ -154,7 +156,9 @@ class CallRank:
             for key, table in tables.items()
         }
 
-    def _warn_if_out_of_range(self, timesteps: torch.Tensor, max_timestep: int) -> None:
+    def _warn_if_out_of_range(
+        self, timesteps: torch.Tensor, max_timestep: int, tables: dict[int, RankTable]
+    ) -> None:
         """Warn once per enable when a timestep lies outside [0, T] (it is clamped, so the rank stays valid).
 
         Host values are checked on every call until one warns; values on an accelerator only on the first
@@ -168,11 +172,12 @@ class CallRank:
         if not (0 <= low and high <= max_timestep):
             self._range_checks_left = 0
             bad = low if not low >= 0 else high  # NaN or negative, else too large
+            ranges = ", ".join(f"[{t.schedule.min_rank}, {t.schedule.max_rank}]" for t in tables.values())
             logger.warning(
-                "T-LoRA %s received timestep %s on the scheduler's scale, outside [0, %d]; it is clamped, so each "
-                "adapter's rank stays within its schedule's [min_rank, max_rank]. If a stock pipeline passed it, its "
-                "timestep convention is wrong: pass timestep_fn= to enable_tlora. (Warned once per enable_tlora.)",
-                self.name, bad, max_timestep,
+                "T-LoRA %s received timestep %s on the scheduler's scale, outside [0, %d]; it is clamped, so the rank "
+                "stays in %s%s. If a stock pipeline passed it, its timestep convention is wrong: pass timestep_fn= to "
+                "enable_tlora. (Warned once per enable_tlora.)",
+                self.name, bad, max_timestep, ranges, " (one per adapter)" if len(tables) > 1 else "",
             )
 
 

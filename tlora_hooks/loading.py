@@ -389,7 +389,8 @@ def _unloader(target: Any, component: str, denoiser: nn.Module, record: LoadReco
         denoiser = denoiser_ref()
         loaded = loaded_adapters(denoiser) if denoiser is not None else None
         if loaded is not None and loaded.records.get(record.adapter_name) is record:
-            _delete(target_ref() or denoiser, component, denoiser, [record.adapter_name])
+            # the block's exit removed the hooks just before: the other adapters get theirs back
+            _delete(target_ref() or denoiser, component, denoiser, [record.adapter_name], rehook=True)
 
     return unload
 
@@ -403,20 +404,23 @@ def _enable(target: Any, component: str, denoiser: nn.Module, loaded: LoadedAdap
     )
 
 
-def _delete(target: Any, component: str, denoiser: nn.Module, adapter_names: list[str]) -> None:
-    """Detach the named adapters (LyCORIS unchains a wrapper from anywhere in a layer's chain); the others keep their
-    hooks, if they had them."""
+def _delete(
+    target: Any, component: str, denoiser: nn.Module, adapter_names: list[str], rehook: bool | None = None
+) -> None:
+    """Detach the named adapters (LyCORIS unchains a wrapper from anywhere in a layer's chain); the others are
+    hooked again if `rehook` (default: if they were hooked)."""
     loaded = loaded_adapters(denoiser)
     hook = installed_hook(denoiser)
     if hook is not None:
         hook.remove()
+    rehook = hook is not None if rehook is None else rehook
     remaining = loaded
     for name in reversed(list(loaded.records)):
         if name in adapter_names:
             loaded.records[name].detach(denoiser)
             remaining = remaining.without(name)
     set_loaded_adapters(denoiser, remaining)
-    if hook is not None and remaining.records:
+    if rehook and remaining.records:
         _enable(target, component, denoiser, remaining)
 
 

@@ -44,10 +44,11 @@ ADAPTERS = {
     "subject": (8, 1, 1.0, 0.5, ("Attention",)),
     "style": (4, 2, 2.0, 1.0, ("Attention",)),  # on the same layers as "subject"
     "style_ff": (4, 2, 2.0, 1.0, ("FeedForward",)),  # on other layers
+    "detail": (6, 3, 0.5, 0.8, ("Attention",)),  # a third one on the same layers
 }
 LAYOUTS = {"overlapping": ("subject", "style"), "disjoint": ("subject", "style_ff")}
 TOLERANCE = 2e-5  # fp32, relative to each call's largest output: the fast modes fold or bypass, LyCORIS rebuilds ΔW
-GROUPS = {"subject": 901, "style": 902, "style_ff": 902}  # the reference's LyCORIS mask groups
+GROUPS = {"subject": 901, "style": 902, "style_ff": 902, "detail": 903}  # the reference's LyCORIS mask groups
 
 
 def schedule_of(key: str) -> tuple[int, int, float]:
@@ -247,6 +248,27 @@ def test_an_inactive_adapter_is_out_of_the_forward_and_comes_back(files, referen
     assert_calls_close(run_calls(pipe, kw), lycoris_reference(files, {}), f"{mode}, none active")
     set_tlora_adapters(pipe, ["style", "subject"])  # weights back to 1.0, as diffusers' set_adapters does
     assert_calls_close(run_calls(pipe, kw), references["overlapping"], f"{mode}, both again")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_three_adapters_on_one_layer_with_the_middle_one_inactive(files, mode):
+    """The inactive adapter's module sits between the other two in each layer's chain: the outer one must be found
+    where it is called from now, not from the inactive module's stale link."""
+    pipe, kw = pipeline()
+    before = model_state(pipe.transformer)
+    for name in ("subject", "style", "detail"):
+        load_tlora(pipe, files[name], adapter_name=name, mode=mode)
+    set_tlora_adapters(pipe, ["subject", "detail"])
+    reference = lycoris_reference(files, {"subject": 1.0, "detail": 1.0})
+    assert_calls_close(run_calls(pipe, kw), reference, f"{mode}, the middle one inactive")
+    set_tlora_adapters(pipe, ["subject", "style", "detail"], [1.0, 0.5, 1.0])
+    reference = lycoris_reference(files, {"subject": 1.0, "style": 0.5, "detail": 1.0})
+    assert_calls_close(run_calls(pipe, kw), reference, f"{mode}, all three")
+    set_tlora_adapters(pipe, "style")
+    delete_tlora_adapters(pipe, ["detail", "subject"])
+    assert_calls_close(run_calls(pipe, kw), lycoris_reference(files, {"style": 1.0}), f"{mode}, the middle one left")
+    unload_tlora(pipe)
+    assert_same_state(before, model_state(pipe.transformer))
 
 
 # -- unloading --------------------------------------------------------------------------------------------------------

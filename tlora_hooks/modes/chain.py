@@ -85,21 +85,33 @@ def inner_first(modules: list[TLoraModule]) -> list[TLoraModule]:
     return sorted(modules, key=position)
 
 
+def chained_forward(module: TLoraModule) -> Callable[[Any], Any]:
+    """The module's `org_forward` as it is when called: training routes relink the modules inside it first."""
+    return lambda x: module.org_forward(x)
+
+
+def unlink_all(modules: list[TLoraModule], where: str) -> list[ChainLink]:
+    """Unlink `modules`, inner first; on failure relink those done and raise. Relink the result in reverse."""
+    links: list[ChainLink] = []
+    try:
+        for module in inner_first(modules):
+            link = ChainLink.unlink(module)
+            if link is None:
+                raise dropped_error([module], where)
+            links.append(link)
+    except BaseException:
+        while links:
+            links.pop().relink()
+        raise
+    return links
+
+
 class OutOfChain:
     """An inactive adapter's modules, taken out of their layers' forward chains so they cost nothing per call;
     `restore()` puts them back exactly."""
 
     def __init__(self, modules: list[TLoraModule], where: str) -> None:
-        self.links: list[ChainLink] = []
-        try:
-            for module in inner_first(modules):
-                link = ChainLink.unlink(module)
-                if link is None:
-                    raise dropped_error([module], where)
-                self.links.append(link)
-        except BaseException:
-            self.restore()
-            raise
+        self.links = unlink_all(modules, where)
 
     def restore(self) -> None:
         while self.links:

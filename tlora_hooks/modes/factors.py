@@ -28,6 +28,17 @@ def delta_factors(module: TLoraModule, device: torch.device, dtype: torch.dtype)
         return a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous()
 
 
+def layer_factors(
+    modules: list[TLoraModule], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of every adapter's module on one layer, concatenated along the rank: A (K, in), B (out, K) with
+    K = 2·(r₁ + r₂ + ...), so one product gives the sum of their deltas (masked by `signature_mask`)."""
+    factors = [delta_factors(module, device, dtype) for module in modules]
+    if len(factors) == 1:
+        return factors[0]
+    return torch.cat([a for a, _ in factors]).contiguous(), torch.cat([b for _, b in factors], dim=1).contiguous()
+
+
 def factor_terms(module: TLoraModule) -> tuple[torch.Tensor, ...]:
     """Q (r, in), P (out, r), λ (1, r) and their frozen base copies Q₀, P₀, λ₀, as matrices (a convolution's 1×1
     kernels flattened), still attached to autograd."""

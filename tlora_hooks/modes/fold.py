@@ -29,8 +29,8 @@ from ..discovery import peft_wrapped_layers
 from ..errors import TLoRAError
 from ..logging import get_logger
 from . import fold_kernel
-from .chain import ChainLink, inner_first
-from .factors import Signature, base_layer, delta_factors, signature_mask
+from .chain import ChainLink, chained_forward, inner_first
+from .factors import Signature, base_layer, layer_factors, signature_mask
 from .low_memory import LowMemoryMode
 from .protocol import GroupMasks, GroupModules, by_group, group_of
 from .stacked import StackedMode
@@ -98,13 +98,9 @@ class FoldStack:
     def _build_factors(self) -> None:
         """A and B from the modules' current parameters, each layer's adapters concatenated along the rank; the next
         fold rewrites every weight."""
-        a, b = [], []
-        for modules in self.layer_modules:
-            factors = [delta_factors(module, self.base.device, self.base.dtype) for module in modules]
-            a.append(torch.cat([a for a, _ in factors]))
-            b.append(torch.cat([b for _, b in factors], dim=1))
-        self.a = torch.stack(a)
-        self.b = torch.stack(b)
+        factors = [layer_factors(modules, self.base.device, self.base.dtype) for modules in self.layer_modules]
+        self.a = torch.stack([a for a, _ in factors])
+        self.b = torch.stack([b for _, b in factors])
         # The mask last folded, for the fused kernel to skip an unchanged one; NaN: nothing folded yet.
         self.previous_mask = torch.full_like(self.b[0, 0], float("nan"))
 
@@ -456,7 +452,7 @@ class FoldMode(StackedMode):
                 for position, module in enumerate(modules):
                     # The innermost module adds to W0; each other one to the module inside it, relinked by then.
                     if position or stack.trains_base:
-                        base_forward = _chained_forward(module)
+                        base_forward = chained_forward(module)
                     else:
                         base_forward = stack.original_forward(index)
                     routes.append(TrainingRoute(module, base_forward, links[id(module)], module.bypass_mode))
@@ -478,8 +474,3 @@ class FoldMode(StackedMode):
         if self.evicted is not None:
             self.evicted.remove()
             self.evicted = None
-
-
-def _chained_forward(module: TLoraModule) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The module's `org_forward` as it is when called: the routes relink the modules inside it first."""
-    return lambda x: module.org_forward(x)

@@ -354,6 +354,30 @@ def test_one_mode_per_denoiser_the_last_one_asked_for(files):
     assert load_tlora(pipe, files["subject"]).mode == {"transformer": "fold"}, "a first load starts from auto"
 
 
+def test_enable_tlora_over_one_loaded_adapter_keeps_its_name_and_strength(files):
+    pipe, kw = pipeline()
+    load_tlora(pipe, files["style"], adapter_name="style")
+    set_tlora_adapter_weight(pipe, "style", 0.5)
+    enable_tlora(pipe, max_rank=None, min_rank=2, alpha=2.0, mode="low_memory")
+    (adapter,) = get_tlora_adapters(pipe)["transformer"].values()
+    assert (adapter.name, adapter.weight, adapter.schedule) == ("style", 0.5, RankSchedule(4, 2, 2.0))
+    assert_calls_close(run_calls(pipe, kw), lycoris_reference(files, {"style": 0.5}), "enabled again")
+
+
+def test_the_verbs_reach_every_denoiser_of_a_pipeline():
+    """Wan 2.2's two experts, each with its own adapter named "default": one call sets both; names are checked
+    across them."""
+    pipe, _ = tiny.wan("2.2_a14b")
+    enable_tlora(pipe, max_rank=8)
+    set_tlora_adapter_weight(pipe, "default", 0.25)
+    adapters = get_tlora_adapters(pipe)
+    assert list(adapters) == ["transformer", "transformer_2"]
+    assert [expert["default"].weight for expert in adapters.values()] == [0.25, 0.25]
+    set_tlora_adapters(pipe, [])
+    assert not any(expert["default"].active for expert in get_tlora_adapters(pipe).values())
+    assert installed_hook(pipe.transformer_2).mode.name == "none"
+
+
 # -- a PEFT LoRA beside them ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("order", ["peft_first", "tlora_first"])

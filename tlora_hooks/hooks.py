@@ -243,8 +243,9 @@ class TLoRAHandle:
     """What `enable_tlora` (and `load_tlora`) returns: a view of the hooks it installed, and the way to undo them.
 
     Usable as a context manager (`with enable_tlora(pipe) as handle:`), which removes the hooks on exit (and, for
-    `load_tlora`, unloads the file). While the block is open it owns those denoisers' hooks: enabling or loading on
-    them again raises TLoRAError rather than leave the rest of the block unmasked. It holds the hooks weakly, so a
+    `load_tlora`, unloads the adapter it loaded; the denoiser's other adapters keep their hooks). While the block is
+    open it owns those denoisers' hooks: enabling or loading on them again raises TLoRAError rather than leave the
+    rest of the block unmasked. It holds the hooks weakly, so a
     handle that is kept does not keep a removed or replaced denoiser's hooks alive; a denoiser whose hooks a later
     `enable_tlora` replaced drops out of it.
 
@@ -288,7 +289,8 @@ class TLoRAHandle:
             hook.remove()
 
     def add_exit_action(self, action: Callable[[], None]) -> None:
-        """Run `action` after the hooks are removed at the end of a `with` block (`load_tlora`: unload the file)."""
+        """Run `action` after the hooks are removed at the end of a `with` block (`load_tlora`: unload its adapter,
+        and hook the denoiser's other adapters again)."""
         self._exit_actions.append(action)
 
     def __enter__(self) -> "TLoRAHandle":

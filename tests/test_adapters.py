@@ -472,6 +472,19 @@ def test_changing_adapters_during_a_call_raises_and_changes_nothing(files):
     assert all(adapter.active for adapter in get_tlora_adapters(pipe)["transformer"].values())
 
 
+def test_a_second_created_adapter_never_adapts_the_first_ones_layers():
+    """A name pattern in the preset matches paths; the first adapter's own layers (`tlora.subject.lycoris_..._to_q
+    .q_layer`) are under the denoiser too, and must not get T-LoRA modules of the second."""
+    pipe, _ = tiny.sd3(rank=None)
+    transformer = pipe.transformer
+    config = {"algo": "tlora", "linear_dim": 4}
+    create_tlora(transformer, {**config, "apply_preset": {"target_module": ["Attention"]}}, adapter_name="subject")
+    style = create_tlora(transformer, {**config, "apply_preset": {"target_name": [".*to_q.*"]}}, adapter_name="style")
+    subject_layers = {id(module) for module in transformer.tlora["subject"].modules()}
+    assert style.loras and not any(id(module.org_module[0]) in subject_layers for module in style.loras)
+    assert list(transformer.tlora) == ["subject", "style"], "the registration is back, in order"
+
+
 # -- created adapters, and a training call with two -------------------------------------------------------------------
 CONFIGS = {
     "subject": {"algo": "tlora", "linear_dim": 8, "linear_alpha": 4, "tlora_min_rank": 1, "tlora_alpha": 1.0,

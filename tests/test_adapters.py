@@ -436,6 +436,7 @@ BAD_CALLS = {  # (pipe, files) -> the call; what its error says
     "delete_unknown": (lambda p, f: delete_tlora_adapters(p, ["style", "other"]), "no adapter named 'other'"),
     "load_bad_name": (lambda p, f: load_tlora(p, f["style"], adapter_name="a.b"), "without dots"),
     "load_bad_mode": (lambda p, f: load_tlora(p, f["style"], adapter_name="x", mode="fast"), "Unknown mode"),
+    "load_bad_timestep_fn": (lambda p, f: load_tlora(p, f["style"], adapter_name="x", timestep_fn="t"), "callable"),
     "enable_one_schedule": (lambda p, f: enable_tlora(p, max_rank=None), "holds the adapters 'subject' \\(rank 8"),
 }
 

@@ -76,13 +76,7 @@ def enable_tlora(
         A `TLoRAHandle`; `handle.remove()` or `disable_tlora(target)` undoes everything.
     """
     check_mode(mode)
-    if timestep_fn is not None and not callable(timestep_fn):
-        raise TLoRAError(f"timestep_fn must be a callable (module, args, kwargs) -> timestep, got {timestep_fn!r}.")
-    if scheduler is not None and not (hasattr(scheduler, "timesteps") and hasattr(scheduler, "config")):
-        raise TLoRAError(
-            f"scheduler must be a Diffusers scheduler (with `timesteps` and `config.num_train_timesteps`), "
-            f"got {type(scheduler).__name__}. Pass the pipeline's own, e.g. scheduler=pipe.scheduler."
-        )
+    check_hook_options(timestep_fn, scheduler)
     found = find_denoisers(target)
     if components is not None:
         found = _only_components(found, components)
@@ -150,6 +144,16 @@ def hook_denoisers(
         ", ".join(sorted({hook.mode.name for hook in hooks.values()})),
     )
     return TLoRAHandle(hooks)
+
+
+def check_hook_options(timestep_fn: Any, scheduler: Any) -> None:
+    if timestep_fn is not None and not callable(timestep_fn):
+        raise TLoRAError(f"timestep_fn must be a callable (module, args, kwargs) -> timestep, got {timestep_fn!r}.")
+    if scheduler is not None and not (hasattr(scheduler, "timesteps") and hasattr(scheduler, "config")):
+        raise TLoRAError(
+            f"scheduler must be a Diffusers scheduler (with `timesteps` and `config.num_train_timesteps`), "
+            f"got {type(scheduler).__name__}. Pass the pipeline's own, e.g. scheduler=pipe.scheduler."
+        )
 
 
 def describe(adapter: HookedAdapter) -> str:

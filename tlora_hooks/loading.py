@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from .api import hook_denoisers
+from .api import check_hook_options, hook_denoisers
 from .base_cache import CacheArgument, cache_folder, check_cache_argument, fill_base_terms
 from .conventions import plan_timestep_reading
 from .discovery import applied_tlora_modules, components_of, is_pipeline, peft_base_layer
@@ -110,6 +110,7 @@ def load_tlora(
     check_adapter_name(adapter_name)
     if mode is not None:
         check_mode(mode)
+    check_hook_options(timestep_fn, scheduler)
     check_cache_argument(cache_base)
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
         raise TLoRAError(
@@ -223,15 +224,11 @@ def hook_options(
     loaded = loaded_adapters(denoiser)
     others = loaded is not None and any(name != adapter_name for name in loaded.records)
     current = loaded.options if others else HookOptions()
-    chosen = HookOptions(
+    return HookOptions(
         mode=current.mode if mode is None else mode,
         timestep_fn=current.timestep_fn if timestep_fn is None else timestep_fn,
         scheduler=current.scheduler if scheduler is None else scheduler,
     )
-    if others and chosen.mode != current.mode:
-        logger.info("T-LoRA: every adapter of %s now runs mode %r (was %r)", type(denoiser).__name__, chosen.mode,
-                    current.mode)
-    return chosen
 
 
 def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: float | None) -> RankSchedule:

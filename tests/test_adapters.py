@@ -522,12 +522,14 @@ def grads(networks) -> dict[str, torch.Tensor]:
     return found
 
 
+@pytest.mark.parametrize("strengths", [(1.0, 1.0), (0.7, 0.3)], ids=["full", "scaled"])
 @pytest.mark.parametrize("mode", ["fold", "low_memory"])
-def test_a_training_call_masks_each_sample_by_each_adapters_own_schedule(mode):
+def test_a_training_call_masks_each_sample_by_each_adapters_own_schedule(mode, strengths):
     """One batched training call against LyCORIS's own forward, one sample at a time, each adapter's group masked by
-    that sample's rank in its own schedule."""
+    that sample's rank in its own schedule, a strength as LyCORIS's multiplier."""
     case, unet, networks = two_created_adapters(mode)
     assert get_tlora_adapters(unet)["UNet2DConditionModel"].keys() == {"subject", "style"}
+    set_tlora_adapters(unet, list(networks), list(strengths))
     loss, out = case.loss(timesteps=TRAINING_TIMESTEPS)
     loss.backward()
     batched, batched_grads = out.detach(), grads(networks)
@@ -535,9 +537,10 @@ def test_a_training_call_masks_each_sample_by_each_adapters_own_schedule(mode):
     hook = installed_hook(unet)
     groups = {name: hook.adapters[name].group_id for name in networks}
     hook.remove()  # LyCORIS's own forward from here, each network in its own group
-    for name, network in networks.items():
+    for (name, network), strength in zip(networks.items(), strengths):
         for module in network.loras:
             module.mask_group_id = groups[name]
+            module.multiplier = strength
     outputs = []
     for b, t in enumerate(TRAINING_TIMESTEPS.tolist()):
         for name, config in CONFIGS.items():

@@ -5,16 +5,19 @@
 On an eager GPU run every layer call costs host time to launch its kernels; SDXL has 700 T-LoRA layers per call,
 so microseconds per layer decide whether the GPU waits for the host. Each targeted layer is called with a one-token
 input, so the kernels are negligible and the time is the host's: Python frames, dispatch, launches (on CUDA without
-synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_mask` + `clear_mask`), the
-fold's check for writes from outside alone (part of its `set_mask`), and the whole hook of an inference call
+synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_masks` + `clear_masks`), the
+fold's check for writes from outside alone (part of its `set_masks`), and the whole hook of an inference call
 (pre-hook + post-hook: reading the timestep, choosing the mask, setting and clearing it), which is where a call is
 told from a training call.
 Variants as in bench_forward.py; interleaved repetitions, medians. Prints a table and a `RESULT {json}` line.
+`--adapters 2` puts a second T-LoRA (half the rank, its own schedule) on the same layers, both as adapters of one
+hook, as `load_tlora(..., adapter_name=...)` twice does: what a second adapter costs per layer and per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -27,6 +30,7 @@ import torch
 from bench_forward import add_tlora, build_sdxl, synchronize, variant
 
 VARIANTS = ("plain", "lycoris", "lycoris_bypass", "low_memory", "fold")
+ADAPTER_VARIANTS = ("plain", "lycoris", "low_memory", "fold")  # with several adapters
 
 
 def time_layers(layers, inputs, device, loops):
@@ -42,16 +46,17 @@ def time_layers(layers, inputs, device, loops):
 
 
 def time_mask_update(model, mask, device, loops):
-    """Seconds per `set_mask` + `clear_mask` of the whole denoiser (what the mode adds per denoiser call)."""
+    """Seconds per `set_masks` + `clear_masks` of the whole denoiser (what the mode adds per denoiser call)."""
     from tlora_hooks.hooks import installed_hook
 
-    mode = installed_hook(model).mode
-    mask = mask.to(mode.mask_dtype)
+    hook = installed_hook(model)
+    mode = hook.mode
+    masks = {group: mask.to(mode.mask_dtype) for group in hook.tables}
     synchronize(device)
     start = time.perf_counter()
     for _ in range(loops):
-        mode.set_mask(mask)
-        mode.clear_mask()
+        mode.set_masks(masks)
+        mode.clear_masks()
     synchronize(device)
     return (time.perf_counter() - start) / loops
 
@@ -92,29 +97,64 @@ def time_hook(model, call, t, device, loops):
     return (time.perf_counter() - start) / loops
 
 
+@contextlib.contextmanager
+def adapters_variant(name, model, networks, scheduler):
+    """Put the model in the state `name` with each network an adapter of its own schedule; yield the handle."""
+    from tlora_hooks.api import hook_denoisers
+    from tlora_hooks.hooks import HookedAdapter
+    from tlora_hooks.schedule import RankSchedule
+
+    if name == "plain":
+        for network in reversed(networks):
+            network.restore()
+        try:
+            yield None
+        finally:
+            for network in networks:
+                network.apply_to()
+        return
+    adapters = [
+        HookedAdapter(f"adapter_{index}", list(network.loras), RankSchedule(network.loras[0].lora_dim, 1 + index))
+        for index, network in enumerate(networks)
+    ]
+    handle = hook_denoisers(model, {"unet": (model, adapters)}, mode=name, timestep_fn=None, scheduler=scheduler,
+                            replace_all=False)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--loops", type=int, default=20)
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=1, choices=(1, 2))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, call, scheduler, targets, _ = build_sdxl(device, dtype, device != "cuda", 1024)
     model.eval().requires_grad_(False)
     network = add_tlora(model, targets, args.rank, device)
+    networks = [network] + [add_tlora(model, targets, args.rank // 2, device) for _ in range(args.adapters - 1)]
+    variants = VARIANTS if args.adapters == 1 else ADAPTER_VARIANTS
     layers = [module.org_module[0] for module in network.loras]
     inputs = [torch.randn(1, 1, layer.in_features, device=device, dtype=dtype) for layer in layers]
     mask = torch.ones(1, args.rank, device=device, dtype=dtype)
     mask[:, args.rank // 2:] = 0
-    samples = {name: [] for name in VARIANTS}
-    updates = {name: [] for name in VARIANTS}
+    samples = {name: [] for name in variants}
+    updates = {name: [] for name in variants}
     checks = []
-    hooks = {name: [] for name in VARIANTS}
+    hooks = {name: [] for name in variants}
     for repetition in range(args.reps + 1):  # the first round is untimed
-        order = VARIANTS[repetition % len(VARIANTS):] + VARIANTS[: repetition % len(VARIANTS)]
+        order = variants[repetition % len(variants):] + variants[: repetition % len(variants)]
         for name in order:
-            with variant(name, model, network, args.rank, scheduler, dtype) as handle, torch.inference_mode():
+            state = (
+                variant(name, model, network, args.rank, scheduler, dtype) if args.adapters == 1
+                else adapters_variant(name, model, networks, scheduler)
+            )
+            with state as handle, torch.inference_mode():
                 call(scheduler.timesteps[0].to(device))  # builds each path's state, as a first denoiser call does
                 seconds = time_layers(layers, inputs, device, args.loops)
                 update, hook, check = None, None, None
@@ -132,7 +172,8 @@ def main() -> None:
     per_layer = {name: statistics.median(values) for name, values in samples.items()}
     result = dict(
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        dtype=str(dtype).replace("torch.", ""), tlora_layers=len(layers), reps=args.reps, loops=args.loops,
+        dtype=str(dtype).replace("torch.", ""), tlora_layers=len(layers), adapters=args.adapters, reps=args.reps,
+        loops=args.loops,
         torch=torch.__version__, diffusers=version("diffusers"), lycoris=version("lycoris-lora"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         us_per_layer_call={name: round(value * 1e6, 2) for name, value in per_layer.items()},
@@ -147,7 +188,7 @@ def main() -> None:
         us_hook_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in hooks.items() if v},
     )
     print(f"{'variant':16}{'us/layer call':>15}{'over plain':>12}{'ms per call, all layers':>26}")
-    for name in VARIANTS:
+    for name in variants:
         print(f"{name:16}{per_layer[name] * 1e6:15.2f}{(per_layer[name] - per_layer['plain']) * 1e6:12.2f}"
               f"{per_layer[name] * len(layers) * 1e3:26.3f}")
     print("RESULT " + json.dumps(result))

@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 
 import tiny
 import tlora_files
-from tlora_hooks import TLoRAError, base_cache, load_tlora, loading, rebuild
+from tlora_hooks import TLoRAError, base_cache, load_tlora, rebuild
 from tlora_hooks.discovery import applied_tlora_modules
+from tlora_hooks.records import loaded_adapters
 
 SCHEDULE = dict(linear_dim=8, linear_alpha=4, tlora_min_rank=2, tlora_alpha=0.5)
 
@@ -305,10 +306,10 @@ def test_a_bad_cache_base_raises_and_changes_nothing(tlora_path, source_files, v
     load_tlora(pipe, source_files[1])
     if value == "A_FILE":
         value = str(tlora_path)
-    before = (run(pipe, kw), pipe.unet.__dict__[loading.LOAD_RECORD_ATTRIBUTE], len(applied_tlora_modules(pipe.unet)))
+    before = (run(pipe, kw), loaded_adapters(pipe.unet), len(applied_tlora_modules(pipe.unet)))
     with pytest.raises(TLoRAError, match="cache_base"):
         load_tlora(pipe, tlora_path, cache_base=value)
-    after = (run(pipe, kw), pipe.unet.__dict__[loading.LOAD_RECORD_ATTRIBUTE], len(applied_tlora_modules(pipe.unet)))
+    after = (run(pipe, kw), loaded_adapters(pipe.unet), len(applied_tlora_modules(pipe.unet)))
     assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
     assert rebuilds == [40] and os.listdir(tlora_path.parent) == ["tlora.safetensors"]
 

@@ -46,6 +46,12 @@ def test_bench_host_overhead_times_every_variant(run):
     assert set(result["us_hook_per_call"]) == set(result["us_mask_update_per_call"])
 
 
+def test_bench_host_overhead_times_two_adapters(run):
+    (result,) = run("bench_host_overhead.py", "--reps", "1", "--loops", "1", "--adapters", "2")
+    assert result["adapters"] == 2 and set(result["us_per_layer_call"]) == {"plain", "lycoris", "low_memory", "fold"}
+    assert set(result["us_hook_per_call"]) == {"lycoris", "low_memory", "fold"}
+
+
 def test_cost_model_counts_each_layer_once(run):
     sdxl, flux = run("cost_model.py")
     assert sdxl["tlora_layers"] == 700, "SDXL's Attention + FeedForward linears, as the issue's anchor counts them"

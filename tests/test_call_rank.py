@@ -10,21 +10,37 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from conftest import lycoris_rank
 from tlora_hooks import TLoRAError
-from tlora_hooks.call_rank import CallRank, snap
+from tlora_hooks.call_rank import CallRank, RankTable, snap
 from tlora_hooks.conventions import ConventionChoice, row_for
 from tlora_hooks.schedule import RankSchedule
 
 CPU = torch.device("cpu")
 
 
-def call_rank(denoiser_class: str, max_rank: int, min_rank: int = 1, alpha: float = 1.0) -> CallRank:
-    """The built-in convention row of `denoiser_class`, as enable_tlora would use it."""
-    row = row_for(denoiser_class)
-    return CallRank(denoiser_class, RankSchedule(max_rank, min_rank, alpha), ConventionChoice(row))
+class Chooser:
+    """A denoiser's CallRank (the built-in convention row of its class, as enable_tlora uses it) with one adapter's
+    RankTable."""
+
+    def __init__(self, denoiser_class: str, schedule: RankSchedule) -> None:
+        self.call_rank = CallRank(denoiser_class, ConventionChoice(row_for(denoiser_class)))
+        self.table = RankTable(schedule)
+        self.schedule = schedule
+
+    def mask(self, value, scheduler, dtype=torch.float32):
+        (mask,) = self.call_rank.masks(value, scheduler, {0: self.table}, CPU, dtype).values()
+        return mask
+
+    def sample_masks(self, value, scheduler, batch):
+        (masks,) = self.call_rank.sample_masks(value, scheduler, {0: self.table}, CPU, batch).values()
+        return masks
 
 
-def rank_of(chooser: CallRank, value, scheduler) -> int:
-    mask = chooser.mask(value, scheduler, CPU, torch.float32)
+def call_rank(denoiser_class: str, max_rank: int, min_rank: int = 1, alpha: float = 1.0) -> Chooser:
+    return Chooser(denoiser_class, RankSchedule(max_rank, min_rank, alpha))
+
+
+def rank_of(chooser: Chooser, value, scheduler) -> int:
+    mask = chooser.mask(value, scheduler)
     assert mask.shape == (1, chooser.schedule.max_rank)
     return int(mask.sum())
 
@@ -86,7 +102,7 @@ def test_a_value_from_another_schedule_is_used_as_received():
 
 def test_the_mask_is_built_in_the_requested_dtype():
     chooser = call_rank("UNet2DConditionModel", max_rank=8)
-    mask = chooser.mask(torch.tensor(500), None, CPU, torch.bfloat16)
+    mask = chooser.mask(torch.tensor(500), None, torch.bfloat16)
     assert mask.dtype == torch.bfloat16 and mask.shape == (1, 8)
     assert torch.equal(mask.float()[0], torch.arange(8).lt(lycoris_rank(500, 1000, 8)).float())
 
@@ -99,7 +115,7 @@ def test_snap_and_masks_work_per_sample():
     received = steps.to(torch.bfloat16) / 1000  # one value per sample
     row = row_for("FluxTransformer2DModel")
     timesteps = snap(row.to_timestep(received.float()), received, row, scheduler, 1000)
-    masks = chooser.masks(timesteps, 1000, torch.float32)
+    masks = chooser.table.masks(timesteps, 1000, torch.float32)
     assert masks.shape == (len(steps), 1000)
     expected = [lycoris_rank(float(t), 1000, 1000) for t in steps]
     assert masks.sum(dim=1).long().tolist() == expected
@@ -107,8 +123,8 @@ def test_snap_and_masks_work_per_sample():
 
 
 # -- training calls: one mask row per sample -----------------------------------------------------------------------
-def sample_ranks(chooser: CallRank, value, batch: int, scheduler=None) -> list[int]:
-    masks = chooser.sample_masks(value, scheduler, CPU, batch)
+def sample_ranks(chooser: Chooser, value, batch: int, scheduler=None) -> list[int]:
+    masks = chooser.sample_masks(value, scheduler, batch)
     assert masks.dtype == torch.float32 and masks.shape[1] == chooser.schedule.max_rank
     return masks.sum(dim=1).long().tolist()
 
@@ -147,4 +163,4 @@ def test_one_training_timestep_gives_one_row_for_the_whole_batch(value):
 def test_a_training_timestep_neither_one_nor_per_sample_raises(shape):
     chooser = call_rank("UNet2DConditionModel", max_rank=8)
     with pytest.raises(TLoRAError, match="batch has 4 samples"):
-        chooser.sample_masks(torch.full(shape, 400), None, CPU, 4)
+        chooser.sample_masks(torch.full(shape, 400), None, 4)

@@ -339,6 +339,6 @@ def test_from_pipe_replacing_the_original_keeps_snapping():
     pipe.scheduler.timesteps = torch.tensor([1000.0, 869.5759, 500.0])
     hook = getattr(pipe.transformer, STATE_ATTRIBUTE)
     received = torch.tensor([869.5759]).to(torch.bfloat16) / 1000  # as FluxPipeline passes it: 0.8671875
-    mask = hook.mask_for(received, torch.device("cpu"))
+    (mask,) = hook.masks_for(received, torch.device("cpu")).values()
     assert int(mask.sum()) == lycoris_rank(869.5759, 1000, 1000) != lycoris_rank(867.1875, 1000, 1000)
     disable_tlora(pipe)

@@ -126,7 +126,7 @@ def test_the_seed_config_works_as_is(tmp_path, caplog):
         network = create_tlora(pipe, path)
     assert not ours(caplog)
     assert [m.lora_name for m in network.loras] == [m.lora_name for m in reference]
-    schedule = installed_hook(pipe.unet).call_rank.schedule
+    schedule = installed_hook(pipe.unet).adapters["default"].schedule
     assert (schedule.max_rank, schedule.min_rank, schedule.alpha) == (64, 1, 1.0)
     assert all(m.lora_dim == 64 and m.scale == 0.5 for m in network.loras)
 
@@ -313,7 +313,7 @@ def snapshot(pipe, kw):
     """The output and what a create touches: state dict keys, layers, the hooks' settings, the applied modules."""
     unet = pipe.unet
     hook = installed_hook(unet)
-    hooked = (hook.call_rank.schedule, hook.mode.name) if hook is not None else None
+    hooked = (hook.adapters["default"].schedule, hook.mode.name) if hook is not None else None
     return (run(pipe, kw, latents()), list(unet.state_dict()), layer_state(unet), hooked,
             [id(m) for m in applied_tlora_modules(unet)])
 

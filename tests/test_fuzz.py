@@ -176,4 +176,4 @@ def test_invalid_settings_raise_at_enable_time_and_change_nothing(settings):
     assert state == (
         hook_counts(toy), [m.mask_group_id for m in applied_tlora_modules(toy)], getattr(toy, STATE_ATTRIBUTE)
     )
-    assert getattr(toy, STATE_ATTRIBUTE).call_rank.schedule.alpha == 2.0, "the working hooks stay"
+    assert getattr(toy, STATE_ATTRIBUTE).adapters["default"].schedule.alpha == 2.0, "the working hooks stay"

@@ -42,7 +42,7 @@ def test_enabling_twice_replaces_the_hooks():
     second = enable_tlora(pipe, max_rank=8, alpha=2.0)
     assert hook_counts(pipe.unet) == (before[0] + 1, before[1] + 1)
     assert first.denoisers == [] and second.denoisers == ["unet"]
-    assert getattr(pipe.unet, STATE_ATTRIBUTE).call_rank.schedule.alpha == 2.0
+    assert getattr(pipe.unet, STATE_ATTRIBUTE).adapters["default"].schedule.alpha == 2.0
     disable_tlora(pipe)
     assert hook_counts(pipe.unet) == before
     assert STATE_ATTRIBUTE not in pipe.unet.__dict__
@@ -108,7 +108,7 @@ def test_flux_bf16_value_snaps_to_the_scheduler_timestep():
     pipe.scheduler.timesteps = torch.tensor([1000.0, 869.5759, 500.0])
     received = (torch.tensor([869.5759]).to(torch.bfloat16) / 1000)
     assert received.item() == 0.8671875
-    mask = hook.mask_for(received, torch.device("cpu"))
+    (mask,) = hook.masks_for(received, torch.device("cpu")).values()
     assert int(mask.sum()) == lycoris_rank(869.5759, 1000, 1000) != lycoris_rank(867.1875, 1000, 1000)
     handle.remove()
 
@@ -117,7 +117,7 @@ def test_mask_is_built_in_the_modules_dtype_on_the_call_device():
     pipe, _ = tiny.flux()
     handle = enable_tlora(pipe, max_rank=8, mode="lycoris")
     hook = getattr(pipe.transformer, STATE_ATTRIBUTE)
-    mask = hook.mask_for(torch.tensor([0.5], dtype=torch.bfloat16), torch.device("cpu"))
+    (mask,) = hook.masks_for(torch.tensor([0.5], dtype=torch.bfloat16), torch.device("cpu")).values()
     assert mask.shape == (1, 8) and mask.dtype == applied_tlora_modules(pipe.transformer)[0].lambda_layer.dtype
     handle.remove()
 

@@ -23,11 +23,12 @@ from safetensors.torch import save_file
 
 import tiny
 import tlora_files
-from tlora_hooks import TLoRAError, load_tlora, loading
+from tlora_hooks import TLoRAError, load_tlora
 from tlora_hooks.commands import main
 from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.formats import read_tlora_file
 from tlora_hooks.hooks import installed_hook
+from tlora_hooks.records import loaded_adapters
 
 SCHEDULE = dict(tlora_min_rank=2, tlora_alpha=0.5)
 REPO = "user/tlora"
@@ -97,13 +98,13 @@ def offline(monkeypatch, cache):
 
 def loaded(pipe):
     """What is loaded on the UNet: the resolved file and the modules' ranks."""
-    record = pipe.unet.__dict__[loading.LOAD_RECORD_ATTRIBUTE]
+    record = loaded_adapters(pipe.unet).records["default"]
     return record.path, {module.lora_dim for module in record.network.loras}
 
 
 def pipeline_state(pipe):
     unet = pipe.unet
-    return (installed_hook(unet), unet.__dict__.get(loading.LOAD_RECORD_ATTRIBUTE),
+    return (installed_hook(unet), loaded_adapters(unet),
             [id(module) for module in applied_tlora_modules(unet)])
 
 

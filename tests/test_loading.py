@@ -22,6 +22,7 @@ from tlora_hooks import TLoRAError, enable_tlora, load_tlora, loading, unload_tl
 from tlora_hooks.commands import main
 from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import installed_hook
+from tlora_hooks.records import loaded_adapters
 from tlora_hooks.schedule import masks_by_rank
 
 SCHEDULE = dict(linear_dim=8, linear_alpha=4, tlora_min_rank=2, tlora_alpha=0.5)
@@ -194,7 +195,7 @@ def test_arguments_override_the_metadata_and_silence_is_logged(tmp_path, sdxl_tr
     path, _ = sdxl_trained
     pipe, _ = sdxl
     load_tlora(pipe, path, min_rank=4)
-    schedule = installed_hook(pipe.unet).call_rank.schedule
+    schedule = installed_hook(pipe.unet).adapters["default"].schedule
     assert (schedule.max_rank, schedule.min_rank, schedule.alpha) == (8, 4, 0.5)
     trained, _ = tiny.sdxl(rank=None)
     bare = str(tmp_path / "bare.safetensors")
@@ -202,7 +203,7 @@ def test_arguments_override_the_metadata_and_silence_is_logged(tmp_path, sdxl_tr
     with caplog.at_level(logging.WARNING, logger="tlora_hooks"):
         load_tlora(pipe, bare)
     assert "does not record tlora_min_rank (using 1) or tlora_alpha (using 1.0)" in caplog.text
-    schedule = installed_hook(pipe.unet).call_rank.schedule
+    schedule = installed_hook(pipe.unet).adapters["default"].schedule
     assert (schedule.min_rank, schedule.alpha) == (1, 1.0)
 
 
@@ -217,7 +218,7 @@ def test_converted_file_loads_with_no_arguments_like_the_original_with_them(tmp_
     expected = run(pipe, kw)
     load_tlora(pipe, converted)
     assert torch.equal(run(pipe, kw), expected)
-    assert installed_hook(pipe.unet).call_rank.schedule.min_rank == 3
+    assert installed_hook(pipe.unet).adapters["default"].schedule.min_rank == 3
 
 
 # -- the official ControlGenAI formats --------------------------------------------------------------------------------
@@ -286,8 +287,8 @@ def test_wan22_experts_need_a_component_and_keep_their_own_schedules(tmp_path):
         load_tlora(pipe, high)
     load_tlora(pipe, high, component="transformer")
     load_tlora(pipe, low, component="transformer_2")
-    assert installed_hook(pipe.transformer).call_rank.schedule.min_rank == 1
-    assert installed_hook(pipe.transformer_2).call_rank.schedule.min_rank == 4
+    assert installed_hook(pipe.transformer).adapters["default"].schedule.min_rank == 1
+    assert installed_hook(pipe.transformer_2).adapters["default"].schedule.min_rank == 4
     unload_tlora(pipe)
     assert installed_hook(pipe.transformer) is None and not applied_tlora_modules(pipe.transformer_2)
 
@@ -405,7 +406,7 @@ def snapshot(pipe, kw, output=None):
     """The output and every piece of state a load touches: layers, hooks, the loaded record, the applied modules."""
     unet = pipe.unet
     return (run(pipe, kw) if output is None else output, layer_state(unet), installed_hook(unet),
-            unet.__dict__.get(loading.LOAD_RECORD_ATTRIBUTE), [id(m) for m in applied_tlora_modules(unet)])
+            loaded_adapters(unet), [id(m) for m in applied_tlora_modules(unet)])
 
 
 def assert_same(before, after):
@@ -450,7 +451,7 @@ def test_a_failure_while_enabling_puts_the_previous_file_back(bad_files, sdxl, m
     load_tlora(pipe, bad_files["good"], min_rank=1)
     before = snapshot(pipe, kw)
     calls = []
-    original = loading.enable_tlora
+    original = loading.hook_denoisers
 
     def fail_once(*args, **kwargs):
         calls.append(kwargs)
@@ -458,12 +459,12 @@ def test_a_failure_while_enabling_puts_the_previous_file_back(bad_files, sdxl, m
             raise TLoRAError("injected")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loading, "enable_tlora", fail_once)
+    monkeypatch.setattr(loading, "hook_denoisers", fail_once)
     with pytest.raises(TLoRAError, match="injected"):
         load_tlora(pipe, bad_files["good"], min_rank=2)
     after = snapshot(pipe, kw)
     assert torch.equal(before[0], after[0]) and before[1] == after[1] and before[3:] == after[3:]
-    assert installed_hook(pipe.unet).call_rank.schedule.min_rank == 1
+    assert installed_hook(pipe.unet).adapters["default"].schedule.min_rank == 1
 
 
 def test_modules_applied_by_hand_are_not_stacked_on(bad_files):
@@ -491,10 +492,10 @@ def test_enable_tlora_components_limits_and_validates(bad_files):
     first = enable_tlora(pipe, max_rank=8, min_rank=1)
     second = enable_tlora(pipe, max_rank=8, min_rank=3, components="transformer_2")
     assert first.denoisers == ["transformer"] and second.denoisers == ["transformer_2"]
-    assert installed_hook(pipe.transformer).call_rank.schedule.min_rank == 1
+    assert installed_hook(pipe.transformer).adapters["default"].schedule.min_rank == 1
     with pytest.raises(TLoRAError, match=r"components=\['vae'\]: vae holds no applied T-LoRA modules"):
         enable_tlora(pipe, max_rank=8, components=["vae"])
-    assert installed_hook(pipe.transformer_2).call_rank.schedule.min_rank == 3
+    assert installed_hook(pipe.transformer_2).adapters["default"].schedule.min_rank == 3
 
 
 def test_offloaded_weights_are_refused(sdxl_trained):
@@ -530,7 +531,7 @@ def test_arguments_override_unusable_metadata(bad_files, sdxl, case, caplog):
     pipe, kw = sdxl
     with caplog.at_level(logging.INFO, logger="tlora_hooks"):
         load_tlora(pipe, bad_files[case], min_rank=2, alpha=0.5)
-    schedule = installed_hook(pipe.unet).call_rank.schedule
+    schedule = installed_hook(pipe.unet).adapters["default"].schedule
     assert (schedule.max_rank, schedule.min_rank, schedule.alpha) == (4, 2, 0.5)
     assert "overrides the file's" in caplog.text
     with pytest.raises(TLoRAError, match="Pass (min_rank|alpha)="):  # one argument is not enough where both are bad

@@ -78,7 +78,7 @@ def test_load_tlora_needs_no_arguments_and_reproduces_the_masked_output(trained,
     with caplog.at_level(logging.WARNING, logger="tlora_hooks"):
         load_tlora(pipe, path)
     assert not [r for r in caplog.records if r.name.startswith("tlora_hooks")]
-    schedule = installed_hook(pipe.unet).call_rank.schedule
+    schedule = installed_hook(pipe.unet).adapters["default"].schedule
     assert (schedule.max_rank, schedule.min_rank, schedule.alpha) == (8, 2, 0.5)
     assert relative_error(run(pipe, kw, latents()), reference) < 1e-5
 

@@ -15,8 +15,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("torch", "diffusers", "lycoris", "peft", "transformers", "accelerate")
-PUBLIC = "RankSchedule, TLoRAError, TLoRAHandle, TimestepConvention, create_tlora, disable_tlora, enable_tlora, " \
-    "load_tlora, rank_for_timestep, register_convention, save_tlora, unload_tlora"
+PUBLIC = "RankSchedule, TLoRAAdapter, TLoRAError, TLoRAHandle, TimestepConvention, create_tlora, " \
+    "delete_tlora_adapters, disable_tlora, enable_tlora, get_tlora_adapters, load_tlora, rank_for_timestep, " \
+    "register_convention, save_tlora, set_tlora_adapter_weight, set_tlora_adapters, unload_tlora"
 
 
 def imported_after(code: str) -> set[str]:

@@ -1,20 +1,33 @@
-"""`enable_tlora` / `disable_tlora`: the public verbs."""
+"""`enable_tlora` / `disable_tlora`: the public verbs, and `hook_denoisers`, which installs the hooks of denoisers
+with one or several adapters (`load_tlora` installs its adapters' hooks through it)."""
 
 from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Callable, Collection
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 from .call_rank import CallRank
 from .conventions import TimestepFn, plan_timestep_reading
 from .discovery import components_of, find_denoisers, is_pipeline, scheduler_attribute, unrunnable_conv
 from .errors import TLoRAError
-from .hooks import DenoiserHook, TLoRAHandle, installed_hook, next_mask_group, refuse_inside_open_block
+from .hooks import (
+    AdapterSettings,
+    DenoiserHook,
+    HookedAdapter,
+    TLoRAHandle,
+    installed_hook,
+    refuse_inside_open_block,
+)
 from .logging import get_logger
-from .modes import build_mode, check_mode
+from .modes import check_mode
 from .modes.build import check_forward_path
+from .records import loaded_adapters
 from .schedule import RankSchedule
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
+    from torch import nn
 
 logger = get_logger(__name__)
 
@@ -34,6 +47,8 @@ def enable_tlora(
 
     Every denoiser holding applied LyCORIS T-LoRA modules gets a forward pre-hook that reads the call's timestep,
     snaps it to the scheduler's schedule and sets the mask of the rank T-LoRA was trained with at that timestep.
+    One schedule masks every module of a denoiser: a denoiser holding several adapters that `load_tlora` or
+    `create_tlora` put there, each with its own schedule, is an error (their hooks are `load_tlora`'s).
     Enabling again replaces the previous hooks, except those of an open `with enable_tlora(...)` block (a
     TLoRAError: nested blocks are not a stack); a failed call leaves the pipeline as it was.
 
@@ -61,6 +76,77 @@ def enable_tlora(
         A `TLoRAHandle`; `handle.remove()` or `disable_tlora(target)` undoes everything.
     """
     check_mode(mode)
+    check_hook_options(timestep_fn, scheduler)
+    found = find_denoisers(target)
+    if components is not None:
+        found = _only_components(found, components)
+    _check_runnable(found)
+    schedule = _schedule_for(found, max_rank, min_rank, alpha)
+    adapters = {
+        name: (denoiser, [_one_adapter(name, denoiser, modules, schedule)])
+        for name, (denoiser, modules) in found.items()
+    }
+    return hook_denoisers(
+        target, adapters, mode=mode, timestep_fn=timestep_fn, scheduler=scheduler, replace_all=components is None
+    )
+
+
+def hook_denoisers(
+    target: Any,
+    found: dict[str, tuple[nn.Module, list[HookedAdapter]]],
+    *,
+    mode: str,
+    timestep_fn: TimestepFn | None,
+    scheduler: Any,
+    replace_all: bool,
+) -> TLoRAHandle:
+    """Hook each denoiser of `found` with its adapters, replacing its previous hooks (with `replace_all`, every hook
+    on the target's components). Validates everything first: a failure changes nothing."""
+    pipeline = target if is_pipeline(target) else None
+    plans = {
+        name: plan_timestep_reading(name, denoiser, pipeline, timestep_fn)
+        for name, (denoiser, _) in found.items()
+    }
+    replaced = components_of(target).values() if replace_all else [d for d, _ in found.values()]
+    refuse_inside_open_block(replaced, "enable_tlora")
+    for name, (denoiser, adapters) in found.items():
+        # Skipped where hooks are installed (on it, or on a denoiser it wraps): the fold mode and inactive adapters
+        # take their modules out of the chain until removed.
+        if not any(installed_hook(module) is not None for module in denoiser.modules()):
+            modules = [module for adapter in adapters for module in adapter.modules]
+            check_forward_path(modules, f"{name} ({type(denoiser).__name__})")
+    # Everything is validated: from here on the pipeline changes.
+    if replace_all:
+        disable_tlora(target)
+    for denoiser, _ in found.values():  # otherwise only these denoisers' hooks are replaced
+        for module in denoiser.modules():  # and hooks on a denoiser that a wrapper (xDiT's) now holds
+            previous = installed_hook(module)
+            if previous is not None:
+                previous.remove()
+    hooks = {}
+    for name, (denoiser, adapters) in found.items():
+        convention, reader = plans[name]
+        hooks[name] = DenoiserHook(
+            name=name,
+            denoiser=denoiser,
+            call_rank=CallRank(name, convention),
+            read_timestep=reader,
+            scheduler_source=_scheduler_source(pipeline, name, scheduler),
+            adapters=adapters,
+            mode=mode,
+        )
+        if convention.video:
+            warn_video_once()
+    logger.info(
+        "T-LoRA enabled on %s: %s; mode %s",
+        ", ".join(f"{name} ({sum(len(a.modules) for a in found[name][1])} modules)" for name in hooks),
+        "; ".join(sorted({describe(adapter) for _, adapters in found.values() for adapter in adapters})),
+        ", ".join(sorted({hook.mode.name for hook in hooks.values()})),
+    )
+    return TLoRAHandle(hooks)
+
+
+def check_hook_options(timestep_fn: Any, scheduler: Any) -> None:
     if timestep_fn is not None and not callable(timestep_fn):
         raise TLoRAError(f"timestep_fn must be a callable (module, args, kwargs) -> timestep, got {timestep_fn!r}.")
     if scheduler is not None and not (hasattr(scheduler, "timesteps") and hasattr(scheduler, "config")):
@@ -68,51 +154,14 @@ def enable_tlora(
             f"scheduler must be a Diffusers scheduler (with `timesteps` and `config.num_train_timesteps`), "
             f"got {type(scheduler).__name__}. Pass the pipeline's own, e.g. scheduler=pipe.scheduler."
         )
-    found = find_denoisers(target)
-    if components is not None:
-        found = _only_components(found, components)
-    _check_runnable(found)
-    schedule = _schedule_for(found, max_rank, min_rank, alpha)
-    pipeline = target if is_pipeline(target) else None
-    plans = {
-        name: plan_timestep_reading(name, denoiser, pipeline, timestep_fn)
-        for name, (denoiser, _) in found.items()
-    }
-    replaced = components_of(target).values() if components is None else [d for d, _ in found.values()]
-    refuse_inside_open_block(replaced, "enable_tlora")
-    for name, (denoiser, modules) in found.items():
-        # Skipped where hooks are installed (on it, or on a denoiser it wraps): the fold mode takes its modules out
-        # of the chain until removed.
-        if not any(installed_hook(module) is not None for module in denoiser.modules()):
-            check_forward_path(modules, f"{name} ({type(denoiser).__name__})")
-    # Everything is validated: from here on the pipeline changes.
-    if components is None:
-        disable_tlora(target)
-    for denoiser, _ in found.values():  # with `components`, only the named denoisers are replaced
-        for module in denoiser.modules():  # and hooks on a denoiser that a wrapper (xDiT's) now holds
-            previous = installed_hook(module)
-            if previous is not None:
-                previous.remove()
-    hooks = {}
-    for name, (denoiser, modules) in found.items():
-        convention, reader = plans[name]
-        hooks[name] = DenoiserHook(
-            name=name,
-            denoiser=denoiser,
-            call_rank=CallRank(name, schedule, convention),
-            read_timestep=reader,
-            scheduler_source=_scheduler_source(pipeline, name, scheduler),
-            mode=build_mode(mode, modules, next_mask_group(), denoiser=denoiser),
-        )
-        if convention.video:
-            warn_video_once()
-    logger.info(
-        "T-LoRA enabled on %s: ranks %d..%d, alpha %s, mode %s",
-        ", ".join(f"{name} ({len(found[name][1])} modules)" for name in hooks),
-        schedule.min_rank, schedule.max_rank, schedule.alpha,
-        ", ".join(sorted({hook.mode.name for hook in hooks.values()})),
-    )
-    return TLoRAHandle(hooks)
+
+
+def describe(adapter: HookedAdapter) -> str:
+    """An adapter's schedule and settings, for a log line."""
+    schedule, settings = adapter.schedule, adapter.settings
+    state = "" if settings.active else ", inactive"
+    return (f"adapter {adapter.name!r}: ranks {schedule.min_rank}..{schedule.max_rank}, alpha {schedule.alpha}, "
+            f"weight {settings.weight}{state}")
 
 
 def disable_tlora(target: Any) -> None:
@@ -140,6 +189,29 @@ def _only_components(found: dict, components: Collection[str]) -> dict:
             f"(components with modules: {', '.join(found) or 'none'})."
         )
     return {name: value for name, value in found.items() if name in components}
+
+
+def _one_adapter(
+    name: str, denoiser: nn.Module, modules: list[TLoraModule], schedule: RankSchedule
+) -> HookedAdapter:
+    """Every module of a denoiser as one adapter: the one `load_tlora` or `create_tlora` put there, if they are
+    exactly its modules (keeping its name and settings), else "default". Several such adapters are an error."""
+    loaded = loaded_adapters(denoiser)
+    records = list(loaded.records.values()) if loaded is not None else []
+    if len(records) > 1:
+        described = ", ".join(
+            f"{record.adapter_name!r} (rank {record.schedule.max_rank}, min_rank {record.schedule.min_rank}, "
+            f"alpha {record.schedule.alpha})" for record in records
+        )
+        raise TLoRAError(
+            f"enable_tlora masks every T-LoRA module of a denoiser with one schedule, but {name} holds the adapters "
+            f"{described}, each with its own. Their hooks are load_tlora's: load_tlora(..., adapter_name=...) again "
+            "installs them with each adapter's own schedule (and mode=, timestep_fn=, scheduler= for all); "
+            "set_tlora_adapters picks the active ones; delete_tlora_adapters removes one."
+        )
+    if records and {id(m) for m in records[0].network.loras} == {id(m) for m in modules}:
+        return HookedAdapter(records[0].adapter_name, modules, schedule, records[0].settings)
+    return HookedAdapter("default", modules, schedule, AdapterSettings())
 
 
 def _check_runnable(found: dict) -> None:

@@ -1,9 +1,11 @@
 """Where the rank of a denoiser call is chosen: the value the call received -> the scheduler's noise-ward timestep
-(through the convention row) -> snapped to `scheduler.timesteps` -> the rank -> its mask, all on the device.
+(through the convention row) -> snapped to `scheduler.timesteps` -> each adapter's rank -> its mask, all on the device.
 
-Plain tensors and a scheduler in, a mask out; the hooks only read the call and hand the mask to the mode. A training
-call (`CallRank.sample_masks`) takes the same road without the snap, one row per sample: the received values ->
-the noise-ward timesteps (the same convention row) -> reduced over each sample's tokens -> int(t) -> the ranks.
+Plain tensors and a scheduler in, one mask per adapter out; the hooks only read the call and hand the masks to the
+mode. The timestep is read and converted once per call (`CallRank`); each adapter's schedule and strength then give
+its mask (`RankTable`). A training call (`CallRank.sample_masks`) takes the same road without the snap, one row per
+sample: the received values -> the noise-ward timesteps (the same convention row) -> reduced over each sample's
+tokens -> int(t) -> the ranks.
 """
 
 from __future__ import annotations
@@ -59,52 +61,20 @@ def snap(
     return torch.where(rounding, _take(schedule, nearest).reshape(nearest.shape), timesteps)
 
 
-class CallRank:
-    """Chooses the rank of every call of one denoiser, keeping the device tables and the once-per-enable warning."""
+class RankTable:
+    """One adapter's schedule and strength as device tables: the rank of each integer timestep, and the mask of each
+    rank times the strength (the T-LoRA delta is linear in the mask, so a scaled mask scales the delta exactly, in
+    every mode). Built once per device, T and mask dtype; a new strength rebuilds only these small tables."""
 
-    def __init__(self, name: str, schedule: RankSchedule, convention: ConventionChoice) -> None:
-        self.name = name
+    def __init__(self, schedule: RankSchedule, weight: float = 1.0) -> None:
         self.schedule = schedule
-        self.convention = convention
+        self.weight = weight
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._range_checks_left = 1  # accelerator values: one host sync per enable, on the first call
 
-    def mask(self, value: Any, scheduler: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The (1, max_rank) mask for a received timestep value, built without leaving the device."""
-        timestep, max_timestep = self.scheduler_timestep(value, scheduler)
-        return self.masks(timestep, max_timestep, dtype).to(device, non_blocking=True)
-
-    def scheduler_timestep(self, value: Any, scheduler: Any) -> tuple[torch.Tensor, int]:
-        """The call's noise-ward timestep on the scheduler's scale (a 0-d tensor, per-token values reduced by the
-        row's reduction) snapped to its schedule, and T (`num_train_timesteps`)."""
-        received = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
-        convention = self.convention.for_scheduler(scheduler)  # EDM / continuous schedulers refine the row
-        timesteps = convention.to_timestep(received.to(torch.float32))
-        max_timestep = num_train_timesteps(scheduler)
-        self._warn_if_out_of_range(timesteps, max_timestep)
-        timestep = REDUCTIONS[convention.reduce](timesteps.reshape(-1))
-        return snap(timestep, received, convention, scheduler, max_timestep), max_timestep
-
-    def sample_masks(self, value: Any, scheduler: Any, device: torch.device, batch: int) -> torch.Tensor:
-        """The masks of a training call: one fp32 row per sample, (batch, max_rank), or (1, max_rank) when one
-        timestep serves the whole batch (a 0-d value, or a leading dim of 1).
-
-        No snapping: training draws timesteps anywhere, not on `scheduler.timesteps`. The row's map still applies
-        (Flux's t/1000 back to t); per-token values reduce per sample (the row's reduction over that sample's
-        tokens); the rank is that of int(t), as SimpleTuner's `apply_tlora_timestep_mask` takes it, after values
-        within `SNAP_FLOOR` of a whole step are read as that step (the float32 rounding of t/1000 * 1000).
-        """
-        received = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
-        rows = sample_rows(received, batch, self.name)
-        convention = self.convention.for_scheduler(scheduler)
-        timesteps = convention.to_timestep(received.to(torch.float32)).reshape(rows, -1)
-        max_timestep = num_train_timesteps(scheduler)
-        self._warn_if_out_of_range(timesteps, max_timestep)
-        per_sample = REDUCTIONS[convention.reduce](timesteps, dim=1)
-        per_sample = torch.nan_to_num(per_sample, nan=float(max_timestep)).clamp(0, max_timestep)
-        whole = per_sample.round()
-        per_sample = torch.where((per_sample - whole).abs() <= SNAP_FLOOR, whole, per_sample)
-        return self.masks(per_sample, max_timestep, torch.float32).to(device, non_blocking=True)
+    def set_weight(self, weight: float) -> None:
+        if weight != self.weight:
+            self.weight = weight
+            self._tables.clear()
 
     def masks(self, timesteps: torch.Tensor, max_timestep: int, dtype: torch.dtype) -> torch.Tensor:
         """One mask row per valid noise-ward timestep: (N, max_rank) for N timesteps, (1, max_rank) for a 0-d one."""
@@ -119,15 +89,76 @@ class CallRank:
     def _tables_for(
         self, device: torch.device, max_timestep: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank per integer timestep and mask per rank, built once per device, T and mask dtype."""
         key = (device, max_timestep, dtype)
         if key not in self._tables:
             ranks = torch.tensor(self.schedule.rank_table(max_timestep), dtype=torch.long, device=device)
-            masks = masks_by_rank(self.schedule.max_rank, device=device, dtype=dtype)
-            self._tables[key] = (ranks, masks)
+            masks = masks_by_rank(self.schedule.max_rank, device=device) * self.weight
+            self._tables[key] = (ranks, masks.to(dtype))
         return self._tables[key]
 
-    def _warn_if_out_of_range(self, timesteps: torch.Tensor, max_timestep: int) -> None:
+
+class CallRank:
+    """Reads the timestep of every call of one denoiser once, and gives each adapter the mask its own schedule and
+    strength choose there; keeps the once-per-enable warning."""
+
+    def __init__(self, name: str, convention: ConventionChoice) -> None:
+        self.name = name
+        self.convention = convention
+        self._range_checks_left = 1  # accelerator values: one host sync per enable, on the first call
+
+    def masks(
+        self, value: Any, scheduler: Any, tables: dict[int, RankTable], device: torch.device, dtype: torch.dtype
+    ) -> dict[int, torch.Tensor]:
+        """Each table's (1, max_rank) mask for a received timestep value, by its key (the adapter's mask group),
+        built without leaving the device."""
+        timestep, max_timestep = self.scheduler_timestep(value, scheduler, tables)
+        return {
+            key: table.masks(timestep, max_timestep, dtype).to(device, non_blocking=True)
+            for key, table in tables.items()
+        }
+
+    def scheduler_timestep(
+        self, value: Any, scheduler: Any, tables: dict[int, RankTable]
+    ) -> tuple[torch.Tensor, int]:
+        """The call's noise-ward timestep on the scheduler's scale (a 0-d tensor, per-token values reduced by the
+        row's reduction) snapped to its schedule, and T (`num_train_timesteps`). `tables`: for the warning."""
+        received = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
+        convention = self.convention.for_scheduler(scheduler)  # EDM / continuous schedulers refine the row
+        timesteps = convention.to_timestep(received.to(torch.float32))
+        max_timestep = num_train_timesteps(scheduler)
+        self._warn_if_out_of_range(timesteps, max_timestep, tables)
+        timestep = REDUCTIONS[convention.reduce](timesteps.reshape(-1))
+        return snap(timestep, received, convention, scheduler, max_timestep), max_timestep
+
+    def sample_masks(
+        self, value: Any, scheduler: Any, tables: dict[int, RankTable], device: torch.device, batch: int
+    ) -> dict[int, torch.Tensor]:
+        """The masks of a training call, by table key: one fp32 row per sample, (batch, max_rank), or (1, max_rank)
+        when one timestep serves the whole batch (a 0-d value, or a leading dim of 1).
+
+        No snapping: training draws timesteps anywhere, not on `scheduler.timesteps`. The row's map still applies
+        (Flux's t/1000 back to t); per-token values reduce per sample (the row's reduction over that sample's
+        tokens); the rank is that of int(t), as SimpleTuner's `apply_tlora_timestep_mask` takes it, after values
+        within `SNAP_FLOOR` of a whole step are read as that step (the float32 rounding of t/1000 * 1000).
+        """
+        received = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
+        rows = sample_rows(received, batch, self.name)
+        convention = self.convention.for_scheduler(scheduler)
+        timesteps = convention.to_timestep(received.to(torch.float32)).reshape(rows, -1)
+        max_timestep = num_train_timesteps(scheduler)
+        self._warn_if_out_of_range(timesteps, max_timestep, tables)
+        per_sample = REDUCTIONS[convention.reduce](timesteps, dim=1)
+        per_sample = torch.nan_to_num(per_sample, nan=float(max_timestep)).clamp(0, max_timestep)
+        whole = per_sample.round()
+        per_sample = torch.where((per_sample - whole).abs() <= SNAP_FLOOR, whole, per_sample)
+        return {
+            key: table.masks(per_sample, max_timestep, torch.float32).to(device, non_blocking=True)
+            for key, table in tables.items()
+        }
+
+    def _warn_if_out_of_range(
+        self, timesteps: torch.Tensor, max_timestep: int, tables: dict[int, RankTable]
+    ) -> None:
         """Warn once per enable when a timestep lies outside [0, T] (it is clamped, so the rank stays valid).
 
         Host values are checked on every call until one warns; values on an accelerator only on the first
@@ -141,11 +172,12 @@ class CallRank:
         if not (0 <= low and high <= max_timestep):
             self._range_checks_left = 0
             bad = low if not low >= 0 else high  # NaN or negative, else too large
+            ranges = ", ".join(f"[{t.schedule.min_rank}, {t.schedule.max_rank}]" for t in tables.values())
             logger.warning(
-                "T-LoRA %s received timestep %s on the scheduler's scale, outside [0, %d]; it is clamped, so the "
-                "rank stays in [%d, %d]. If a stock pipeline passed it, its timestep convention is wrong: pass "
-                "timestep_fn= to enable_tlora. (Warned once per enable_tlora.)",
-                self.name, bad, max_timestep, self.schedule.min_rank, self.schedule.max_rank,
+                "T-LoRA %s received timestep %s on the scheduler's scale, outside [0, %d]; it is clamped, so the rank "
+                "stays in %s%s. If a stock pipeline passed it, its timestep convention is wrong: pass timestep_fn= to "
+                "enable_tlora. (Warned once per enable_tlora.)",
+                self.name, bad, max_timestep, ranges, " (one per adapter)" if len(tables) > 1 else "",
             )
 
 

@@ -20,12 +20,14 @@ from torch import nn
 from .conventions import plan_timestep_reading
 from .discovery import is_pipeline
 from .errors import TLoRAError
-from .loading import LoadRecord, replace_adapter
+from .loading import check_adapter_name, hook_options, swap_adapter
 from .logging import get_logger
 from .matching import EXAMPLES, Match, candidate_denoisers
 from .modes import check_mode
 from .presets import lycoris_preset, preset_for, report_matches
 from .rebuild import rebuild_base_terms
+from .records import LoadRecord
+from .registration import adapters_hidden
 from .schedule import RankSchedule
 
 if TYPE_CHECKING:
@@ -94,7 +96,7 @@ def create_tlora(
     *,
     component: str | None = None,
     adapter_name: str = "default",
-    mode: str = "auto",
+    mode: str | None = None,
 ) -> LycorisNetwork:
     """Add a new, trainable T-LoRA to a pipeline's denoiser (or a bare denoiser) and mask it by timestep.
 
@@ -102,8 +104,9 @@ def create_tlora(
     the default initialisation (the principal singular triplets of each weight) is computed batched, far faster.
     The network is applied and registered under the denoiser as `tlora.<adapter_name>`, so its parameters are in
     `denoiser.parameters()`, move with `pipe.to(...)` and are synchronised by `DistributedDataParallel`; the hooks
-    are enabled with the config's schedule. A second `create_tlora` or `load_tlora` on the same denoiser replaces
-    this one; `unload_tlora` removes it. A failed call leaves the pipeline as it was.
+    are enabled with the config's schedule. A `create_tlora` or `load_tlora` with the same `adapter_name` on the same
+    denoiser replaces it, another name adds an adapter beside it; `unload_tlora` removes them all,
+    `delete_tlora_adapters` one. A failed call leaves the pipeline as it was.
 
     Args:
         target: A Diffusers pipeline, or a bare denoiser `nn.Module` (as training loops hold it).
@@ -112,17 +115,18 @@ def create_tlora(
             `apply_preset` (`target_module`, `module_algo_map`, `target_name`, ...; default: the family's attention
             and feed-forward classes) and any other `create_lycoris` argument.
         component: The pipeline attribute to add it to, where several denoisers fit (Wan 2.2's `transformer_2`).
-        adapter_name: The name it is registered under (`denoiser.tlora[adapter_name]`); one adapter per denoiser.
-        mode: The masked forward's mode, as in `enable_tlora`.
+        adapter_name: The name it is registered under (`denoiser.tlora[adapter_name]`), as in `load_tlora`.
+        mode: The masked forward's mode, as in `load_tlora` (default: the mode the denoiser's other adapters run,
+            else `"auto"`).
 
     Returns:
         The applied LyCORIS `LycorisNetwork` (`network.loras`, `network.parameters()`,
         `network.prepare_optimizer_params(lr)`); do not call its `apply_to()` again. Save it with `save_tlora`.
     """
-    check_mode(mode)
+    if mode is not None:
+        check_mode(mode)
     settings = TLoraConfig.read(config)
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise TLoRAError(f"adapter_name must be a non-empty name without dots, got {adapter_name!r}.")
+    check_adapter_name(adapter_name)
     (name, denoiser), *others = candidate_denoisers(target, component).items()
     if others:
         names = [name] + [other for other, _ in others]
@@ -131,19 +135,22 @@ def create_tlora(
     check_overrides(preset, settings.schedule.max_rank)
     plan_timestep_reading(name, denoiser, target if is_pipeline(target) else None)
 
+    options = hook_options(denoiser, adapter_name, mode, None, None)
     built: list[LoadRecord] = []
 
     def build() -> LoadRecord:
-        """Runs once the previous adapter is off the denoiser: the preset sees, and the SVD reads, the model alone."""
+        """Runs once the hooks and the adapter it replaces are off the denoiser: the SVD reads the model's own
+        weights, and the preset never sees the other adapters' modules."""
+        with adapters_hidden(denoiser):
+            network = build_network(denoiser, settings, preset)
         built.append(LoadRecord(
-            network=build_network(denoiser, settings, preset), path=None, format="created",
-            enable_kwargs=dict(max_rank=settings.schedule.max_rank, min_rank=settings.schedule.min_rank,
-                               alpha=settings.schedule.alpha, mode=mode),
-            adapter_name=adapter_name, config=settings.metadata(preset),
+            network=network, path=None, format="created", schedule=settings.schedule, adapter_name=adapter_name,
+            config=settings.metadata(preset),
         ))
         return built[-1]
 
-    replace_adapter(target, Match(component=name, denoiser=denoiser, layers={}, unmatched=[]), build)
+    match = Match(component=name, denoiser=denoiser, layers={}, unmatched=[])
+    swap_adapter(target, match, adapter_name, build, options)
     network = built[-1].network
     logger.info(
         "Created a T-LoRA on %s: %d modules, rank %d, min_rank %d, alpha %s, linear_alpha %s",

@@ -1,27 +1,35 @@
-"""The per-denoiser pre/post hooks that set the T-LoRA mask for every call, and the handle that removes them.
+"""The per-denoiser pre/post hooks that set the T-LoRA masks for every call, and the handle that removes them.
 
-A hook only reads the call (its timestep value, its device, the scheduler at that moment) and hands the mask that
-`call_rank.CallRank` chooses to the denoiser's mode; `thread_guard.ThreadGuard` keeps other threads out meanwhile.
+A hook only reads the call (its timestep value, its device, the scheduler at that moment) and hands the masks that
+`call_rank.CallRank` chooses, one per active adapter, to the denoiser's mode; `thread_guard.ThreadGuard` keeps other
+threads out meanwhile. One hook serves every T-LoRA adapter of its denoiser: the timestep is read once per call, and
+each adapter keeps its own schedule, strength and LyCORIS mask group.
 """
 
 from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from .block_guard import BlockGuard
-from .call_rank import CallRank
+from .call_rank import CallRank, RankTable
 from .checkpointing import CheckpointWrappers
 from .discovery import applied_tlora_modules
 from .errors import TLoRAError
-from .modes import MaskMode
+from .modes import MaskMode, build_mode
+from .modes.chain import OutOfChain
 from .modes.lycoris import set_group_mask
 from .modes.per_sample import clear_sample_masks
+from .schedule import RankSchedule
 from .thread_guard import ThreadGuard
+
+if TYPE_CHECKING:
+    from lycoris.modules.tlora import TLoraModule
 
 STATE_ATTRIBUTE = "_tlora_hooks_state"
 
@@ -33,10 +41,35 @@ def next_mask_group() -> int:
     return next(_group_ids)
 
 
-def clear_group(group_id: int) -> None:
-    """Drop whatever masks a call left in a mask group (LyCORIS's, and the per-sample masks of training calls)."""
-    set_group_mask(None, group_id)
-    clear_sample_masks(group_id)
+def clear_groups(group_ids: list[int]) -> None:
+    """Drop whatever masks a call left in mask groups (LyCORIS's, and the per-sample masks of training calls)."""
+    for group_id in group_ids:
+        set_group_mask(None, group_id)
+        clear_sample_masks(group_id)
+
+
+@dataclass
+class AdapterSettings:
+    """An adapter's strength and whether it runs (`set_tlora_adapters`). Shared by its load record and its hook, so a
+    load or unload of another adapter, which installs the hooks again, keeps them."""
+
+    weight: float = 1.0
+    active: bool = True
+
+
+@dataclass
+class HookedAdapter:
+    """One T-LoRA adapter of a hooked denoiser: its modules, its schedule and strength (as device tables), and its own
+    LyCORIS mask group, in which its masks are set."""
+
+    name: str
+    modules: list[TLoraModule]
+    schedule: RankSchedule
+    settings: AdapterSettings = field(default_factory=AdapterSettings)
+    group_id: int = field(default_factory=next_mask_group)
+
+    def __post_init__(self) -> None:
+        self.table = RankTable(self.schedule, self.settings.weight)
 
 
 def compute_device(args: tuple, kwargs: dict, fallback: torch.device) -> torch.device:
@@ -57,7 +90,17 @@ def batch_size(args: tuple, kwargs: dict, timestep: Any) -> int:
 
 
 class DenoiserHook:
-    """Reads one denoiser's timestep on every call and sets its T-LoRA mask; clears it afterwards."""
+    """Reads one denoiser's timestep on every call and sets each active adapter's T-LoRA mask; clears them afterwards.
+
+    Args:
+        name: The component's name, for messages.
+        denoiser: The hooked module.
+        call_rank: Reads the call's timestep and gives each adapter's mask.
+        read_timestep: `(module, args, kwargs) -> timestep` value of a call.
+        scheduler_source: The scheduler at the time of a call.
+        adapters: The denoiser's T-LoRA adapters, in load order.
+        mode: The requested mode name (`"auto"` is resolved for the active adapters, again when they change).
+    """
 
     def __init__(
         self,
@@ -66,14 +109,17 @@ class DenoiserHook:
         call_rank: CallRank,
         read_timestep: Callable[[nn.Module, tuple, dict], Any],
         scheduler_source: Callable[[], Any],
-        mode: MaskMode,
+        adapters: list[HookedAdapter],
+        mode: str,
     ) -> None:
         self.name = name
         self.call_rank = call_rank
         self.read_timestep = read_timestep
         self.scheduler_source = scheduler_source
-        self.mode = mode
+        self.adapters = {adapter.name: adapter for adapter in adapters}
+        self.requested_mode = mode
         self.denoiser_ref = weakref.ref(denoiser)
+        self._build_mode(denoiser)
         self.guard = ThreadGuard(name)
         self.in_block = False  # owned by an open `with` block, which only its exit may end
         self.checkpoints = CheckpointWrappers(denoiser, self)
@@ -86,8 +132,47 @@ class DenoiserHook:
         self._handles += BlockGuard(name, denoiser, layers, self.guard.running).handles
         # A mask left set by an interrupted call must not outlive the denoiser in LyCORIS's global storage
         # (the finalizer holds the group number only, so the modules are freed with the denoiser).
-        self._finalizer = weakref.finalize(denoiser, clear_group, mode.group_id)
+        groups = [adapter.group_id for adapter in adapters]
+        self._finalizer = weakref.finalize(denoiser, clear_groups, groups)
         setattr(denoiser, STATE_ATTRIBUTE, self)
+
+    # -- the active adapters --------------------------------------------------------------------------------------
+    def _build_mode(self, denoiser: nn.Module | None) -> None:
+        """The mode over the active adapters; the inactive ones' modules out of the forward (they cost nothing)."""
+        active = [adapter for adapter in self.adapters.values() if adapter.settings.active]
+        inactive = [module for adapter in self.adapters.values() if not adapter.settings.active
+                    for module in adapter.modules]
+        self.out_of_chain = OutOfChain(inactive, f"{self.name}'s inactive adapters")
+        try:
+            self.mode: MaskMode | None = build_mode(
+                self.requested_mode, {adapter.group_id: adapter.modules for adapter in active}, denoiser
+            )
+        except BaseException:
+            self.out_of_chain.restore()
+            raise
+        self.tables = {adapter.group_id: adapter.table for adapter in active}
+
+    def check_between_calls(self) -> None:
+        """Raise while a call of this denoiser runs: its mode must not change under it."""
+        if self.guard.in_call():
+            raise TLoRAError(
+                f"A call of {self.name} is running (in another thread, or this change comes from inside it); change "
+                "its T-LoRA adapters between calls."
+            )
+
+    def follow_settings(self) -> None:
+        """Take the adapters' settings as they are now: a new strength rewrites its small mask tables only; a new set
+        of active adapters rebuilds the mode (as enabling does)."""
+        for adapter in self.adapters.values():
+            adapter.table.set_weight(adapter.settings.weight)
+        active = {adapter.group_id for adapter in self.adapters.values() if adapter.settings.active}
+        if active == set(self.tables) and self.mode is not None:
+            return
+        if self.mode is not None:
+            self.mode.remove()
+            self.out_of_chain.restore()
+            self.mode = None  # until rebuilt: a failed rebuild leaves no mode to remove twice
+        self._build_mode(self.denoiser_ref())
 
     # -- per call -------------------------------------------------------------------------------
     # Under torch.compile(denoiser) the hooks run eagerly: the graph breaks only here. Traced, the hook's Python
@@ -96,25 +181,29 @@ class DenoiserHook:
     @torch.compiler.disable
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.guard.claim()
+        if not self.tables:  # no active adapter: nothing runs, nothing to mask
+            return
         value = self.read_timestep(module, args, kwargs)
         device = compute_device(args, kwargs, fallback=_parameter_device(module))
         # Autograd recording: the exact per-sample forward, whether or not the adapter trains (gradients reach the
         # inputs and whatever else trains; a fast mode's state would not survive a checkpointed recompute).
         if torch.is_grad_enabled():
             batch = batch_size(args, kwargs, value)
-            self.mode.set_sample_masks(self.call_rank.sample_masks(value, self.scheduler_source(), device, batch))
+            scheduler = self.scheduler_source()
+            self.mode.set_sample_masks(self.call_rank.sample_masks(value, scheduler, self.tables, device, batch))
             self.checkpoints.wrap()
         else:
-            self.mode.set_mask(self.mask_for(value, device))
+            self.mode.set_masks(self.masks_for(value, device))
 
     @torch.compiler.disable
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.guard.release():
-            self.mode.clear_mask()
+            self.mode.clear_masks()
 
-    def mask_for(self, value: Any, device: torch.device) -> torch.Tensor:
-        """The (1, max_rank) mask for a received timestep value, against the scheduler the pipeline holds now."""
-        return self.call_rank.mask(value, self.scheduler_source(), device, self.mode.mask_dtype)
+    def masks_for(self, value: Any, device: torch.device) -> dict[int, torch.Tensor]:
+        """Each active adapter's (1, max_rank) mask, by its mask group, for a received timestep value, against the
+        scheduler the pipeline holds now."""
+        return self.call_rank.masks(value, self.scheduler_source(), self.tables, device, self.mode.mask_dtype)
 
     # -- removal --------------------------------------------------------------------------------
     @property
@@ -130,8 +219,11 @@ class DenoiserHook:
         self._handles = []
         self._finalizer.detach()
         self.checkpoints.unwrap()
-        self.mode.remove()
-        self.call_rank.clear()
+        if self.mode is not None:
+            self.mode.remove()
+            self.out_of_chain.restore()
+        for adapter in self.adapters.values():
+            adapter.table.clear()
         self.guard.reset()
         denoiser = self.denoiser_ref()
         if denoiser is not None and denoiser.__dict__.get(STATE_ATTRIBUTE) is self:
@@ -147,8 +239,9 @@ class TLoRAHandle:
     """What `enable_tlora` (and `load_tlora`) returns: a view of the hooks it installed, and the way to undo them.
 
     Usable as a context manager (`with enable_tlora(pipe) as handle:`), which removes the hooks on exit (and, for
-    `load_tlora`, unloads the file). While the block is open it owns those denoisers' hooks: enabling or loading on
-    them again raises TLoRAError rather than leave the rest of the block unmasked. It holds the hooks weakly, so a
+    `load_tlora`, unloads the adapter it loaded; the denoiser's other adapters keep their hooks). While the block is
+    open it owns those denoisers' hooks: enabling or loading on them again raises TLoRAError rather than leave the
+    rest of the block unmasked. It holds the hooks weakly, so a
     handle that is kept does not keep a removed or replaced denoiser's hooks alive; a denoiser whose hooks a later
     `enable_tlora` replaced drops out of it.
 
@@ -177,8 +270,9 @@ class TLoRAHandle:
 
     @property
     def mask_groups(self) -> dict[str, int]:
-        """The LyCORIS mask group of each hooked denoiser (`lycoris.modules.tlora.get_timestep_mask(group)`)."""
-        return {name: hook.mode.group_id for name, hook in self._live().items()}
+        """The LyCORIS mask group of each hooked denoiser's adapter (`lycoris.modules.tlora.get_timestep_mask(group)`);
+        with several adapters, of the first one loaded (`get_tlora_adapters` gives each adapter's)."""
+        return {name: next(iter(hook.adapters.values())).group_id for name, hook in self._live().items()}
 
     @property
     def extra_memory_bytes(self) -> int:
@@ -191,7 +285,8 @@ class TLoRAHandle:
             hook.remove()
 
     def add_exit_action(self, action: Callable[[], None]) -> None:
-        """Run `action` after the hooks are removed at the end of a `with` block (`load_tlora`: unload the file)."""
+        """Run `action` after the hooks are removed at the end of a `with` block (`load_tlora`: unload its adapter,
+        and hook the denoiser's other adapters again)."""
         self._exit_actions.append(action)
 
     def __enter__(self) -> "TLoRAHandle":

@@ -1,8 +1,10 @@
-"""`load_tlora` / `unload_tlora`: a T-LoRA file onto a stock pipeline as LyCORIS modules, masked by the hooks.
+"""`load_tlora` / `unload_tlora` / `delete_tlora_adapters`: T-LoRA files onto a stock pipeline as LyCORIS modules,
+masked by the hooks, one adapter or several.
 
 Every format becomes LyCORIS `TLoraModule`s applied with LyCORIS's own `apply_to()` (never merged), so the masked
 forward is LyCORIS's and `enable_tlora` finds them. The modules are built without the SVD and `gc.collect()` that
-`TLoraModule.__init__` runs; base terms come from the file or from one batched rebuild (`rebuild.py`).
+`TLoraModule.__init__` runs; base terms come from the file or from one batched rebuild (`rebuild.py`). Each adapter
+has a name: loading a new name adds an adapter to the denoiser, loading a name it holds replaces that adapter only.
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from .api import enable_tlora
+from .api import check_hook_options, hook_denoisers
 from .base_cache import CacheArgument, cache_folder, check_cache_argument, fill_base_terms
 from .conventions import plan_timestep_reading
 from .discovery import applied_tlora_modules, components_of, is_pipeline, peft_base_layer
@@ -28,7 +29,7 @@ from .logging import get_logger
 from .matching import Match, match_file
 from .modes import check_mode
 from .progress import ProgressBars
-from .registration import register_network, unregister_network
+from .records import HookOptions, LoadedAdapters, LoadRecord, loaded_adapters, set_loaded_adapters
 from .schedule import RankSchedule
 
 if TYPE_CHECKING:
@@ -37,50 +38,6 @@ if TYPE_CHECKING:
     from .tlora_module import TLoraModuleWithoutSvd
 
 logger = get_logger(__name__)
-
-LOAD_RECORD_ATTRIBUTE = "_tlora_hooks_loaded"
-# The record of a network made by load_tlora or create_tlora, on the network itself, for save_tlora.
-NETWORK_RECORD_ATTRIBUTE = "_tlora_hooks_record"
-
-
-@dataclass
-class LoadRecord:
-    """What `load_tlora` (or `create_tlora`) put on one denoiser, kept on it so `unload_tlora` can undo exactly that.
-
-    `path` is None for a network `create_tlora` made; `config` is the LyCORIS config `save_tlora` writes.
-    """
-
-    network: LycorisNetwork
-    path: str | None
-    format: str
-    enable_kwargs: dict[str, Any]
-    adapter_name: str = "default"
-    config: dict[str, Any] = field(default_factory=dict)
-    # layer -> its own instance `forward` before LyCORIS wrapped it (None: it had none, the class's ran).
-    original_forwards: list[tuple[nn.Module, Any]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.network.__dict__[NETWORK_RECORD_ATTRIBUTE] = self
-
-    def attach(self, denoiser: nn.Module) -> None:
-        """LyCORIS's `apply_to()`, and the network registered under the denoiser (`registration.py`)."""
-        self.original_forwards = [
-            (lora.org_module[0], lora.org_module[0].__dict__.get("forward")) for lora in self.network.loras
-        ]
-        self.network.apply_to()
-        register_network(denoiser, self.adapter_name, self.network)
-
-    def detach(self, denoiser: nn.Module) -> None:
-        """LyCORIS's `restore()`, then the layers' own attributes and the denoiser's module tree as they were."""
-        unregister_network(denoiser, self.adapter_name)
-        self.network.restore()
-        for layer, forward in self.original_forwards:
-            if "_lycoris_wrappers" in layer.__dict__:
-                continue  # another LyCORIS network still wraps it; its restore() finishes the job
-            if forward is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.__dict__["forward"] = forward
 
 
 def load_tlora(
@@ -96,8 +53,9 @@ def load_tlora(
     min_rank: int | None = None,
     alpha: float | None = None,
     multiplier: float = 1.0,
+    adapter_name: str = "default",
     strict: bool = False,
-    mode: str = "auto",
+    mode: str | None = None,
     component: str | None = None,
     timestep_fn: Any = None,
     scheduler: Any = None,
@@ -106,10 +64,11 @@ def load_tlora(
     """Load a T-LoRA file onto a pipeline (or a bare denoiser) and mask it by timestep on every denoiser call.
 
     The file becomes LyCORIS T-LoRA modules applied (never merged) to the matching layers (on PEFT's base layer where
-    a PEFT LoRA wraps one), then `enable_tlora` hooks the denoiser. Loading again replaces what was loaded on that
-    denoiser; a failed call changes nothing. `with load_tlora(...):` unloads at the end of the block. Slow steps
-    show progress bars, which `pipe.set_progress_bar_config(disable=True)` and huggingface_hub's
-    `disable_progress_bars()` silence.
+    a PEFT LoRA wraps one), then the hooks mask the denoiser. A new `adapter_name` adds an adapter beside the ones
+    the denoiser holds, each masked by its own schedule; a name it holds replaces that adapter only, so loading again
+    without names replaces the file. A failed call changes nothing. `with load_tlora(...):` unloads this adapter at
+    the end of the block. Slow steps show progress bars, which `pipe.set_progress_bar_config(disable=True)` and
+    huggingface_hub's `disable_progress_bars()` silence.
 
     Args:
         target: A Diffusers pipeline (a `DiffusionPipeline` or a Modular Diffusers `ModularPipeline`), or a bare
@@ -129,23 +88,30 @@ def load_tlora(
         min_rank: The `tlora_min_rank` it was trained with; default: SimpleTuner's metadata in the file, else 1
             with a warning (the file does not say).
         alpha: The `tlora_alpha` it was trained with; default: the file's metadata, else 1.0 with a warning.
-        multiplier: The adapter strength, as LyCORIS's `multiplier`.
+        multiplier: LyCORIS's `multiplier`, built into the modules (`set_tlora_adapters` sets a strength on top).
+        adapter_name: The adapter's name on the denoiser (`denoiser.tlora[adapter_name]`), as in diffusers'
+            `load_lora_weights`.
         strict: Make any key that matches no layer an error (default: skipped with a warning).
-        mode: The masked forward's mode, as in `enable_tlora`.
+        mode: The masked forward's mode, as in `enable_tlora`, for every adapter of the denoiser (one mode runs them
+            all). Default: the mode its other adapters run, else `"auto"`.
         component: The pipeline attribute to load into, where several denoisers fit (Wan 2.2's two experts).
-        timestep_fn: As in `enable_tlora`.
-        scheduler: As in `enable_tlora`.
+        timestep_fn: As in `enable_tlora`, for every adapter of the denoiser; default: the one its other adapters
+            use, else none.
+        scheduler: As in `enable_tlora`, likewise.
         cache_base: Keep the base terms rebuilt from the model's weights (LyCORIS files save none), keyed by the
             file's and the weights' hashes, so the next load of the same file onto the same weights reads them
             instead of rebuilding: True puts the cache beside the file, a path in that folder. Off by default: the
             file's folder may be read-only or shared. A cache that cannot be read or written warns and rebuilds.
 
     Returns:
-        `enable_tlora`'s `TLoRAHandle`; `unload_tlora(target)` removes the modules and the hooks. The adapter is
-        loaded frozen (`requires_grad=False`), for inference; `denoiser.tlora["default"].requires_grad_(True)`
-        trains it further.
+        The denoiser's `TLoRAHandle`; `unload_tlora(target)` removes every adapter and the hooks,
+        `delete_tlora_adapters(target, adapter_name)` this one. The adapter is loaded frozen (`requires_grad=False`),
+        for inference; `denoiser.tlora[adapter_name].requires_grad_(True)` trains it further.
     """
-    check_mode(mode)
+    check_adapter_name(adapter_name)
+    if mode is not None:
+        check_mode(mode)
+    check_hook_options(timestep_fn, scheduler)
     check_cache_argument(cache_base)
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
         raise TLoRAError(
@@ -164,42 +130,106 @@ def load_tlora(
     _refuse_foreign_modules(match)
     refuse_inside_open_block([match.denoiser], "load_tlora")
     pipeline = target if is_pipeline(target) else None
-    if timestep_fn is None:
+    options = hook_options(match.denoiser, adapter_name, mode, timestep_fn, scheduler)
+    if options.timestep_fn is None:
         plan_timestep_reading(match.component, match.denoiser, pipeline)  # an unknown class fails before the work
-    record = LoadRecord(
-        network=_build_on_pristine_weights(
-            target, match, tlora_file, multiplier, cache_folder(cache_base, tlora_file.path), progress
-        ),
-        path=tlora_file.path,
-        format=tlora_file.format,
-        config=training_config(tlora_file.metadata),
-        enable_kwargs=dict(
-            max_rank=schedule.max_rank, min_rank=schedule.min_rank, alpha=schedule.alpha, mode=mode,
-            timestep_fn=timestep_fn, scheduler=scheduler,
-        ),
-    )
-    handle = _swap_in(target, match, record)
+    cache = cache_folder(cache_base, tlora_file.path)
+
+    def build() -> LoadRecord:
+        return LoadRecord(
+            network=_build_network(match, tlora_file, multiplier, cache, progress),
+            path=tlora_file.path,
+            format=tlora_file.format,
+            schedule=schedule,
+            adapter_name=adapter_name,
+            config=training_config(tlora_file.metadata),
+        )
+
+    handle = swap_adapter(target, match, adapter_name, build, options)
     logger.info(
-        "Loaded %s (%s) onto %s: %d modules, rank %d, min_rank %d, alpha %s, multiplier %s",
-        tlora_file.path, tlora_file.format, match.component, len(match.layers),
+        "Loaded %s (%s) onto %s as adapter %r: %d modules, rank %d, min_rank %d, alpha %s, multiplier %s",
+        tlora_file.path, tlora_file.format, match.component, adapter_name, len(match.layers),
         schedule.max_rank, schedule.min_rank, schedule.alpha, multiplier,
     )
     return handle
 
 
 def unload_tlora(target: Any) -> None:
-    """Remove what `load_tlora` or `create_tlora` put on a pipeline or denoiser (modules, their registration under
-    the denoiser, and hooks); a no-op where nothing is loaded.
+    """Remove what `load_tlora` or `create_tlora` put on a pipeline or denoiser (every adapter's modules, their
+    registration under the denoiser, and hooks); a no-op where nothing is loaded.
 
     The layers get their own forwards back, and the denoiser its module tree and state dict, exactly as before.
+    `delete_tlora_adapters` removes some adapters only.
 
     Args:
         target: The pipeline, or the denoiser, `load_tlora` or `create_tlora` was called on.
     """
     for denoiser in components_of(target).values():
-        record = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
-        if record is not None:
-            _remove(denoiser, record)
+        loaded = loaded_adapters(denoiser)
+        if loaded is not None:
+            _remove_all(denoiser, loaded)
+
+
+def delete_tlora_adapters(target: Any, adapter_names: str | list[str]) -> None:
+    """Remove the named adapters that `load_tlora` or `create_tlora` put on a pipeline or denoiser, as diffusers'
+    `delete_adapters` removes LoRAs; the other adapters stay, masked as before.
+
+    A denoiser left with no adapter gets back its forwards, module tree and state dict exactly as they were before any
+    load. Names that no denoiser holds raise TLoRAError and change nothing.
+
+    Args:
+        target: The pipeline, or the denoiser, they were loaded on.
+        adapter_names: One adapter name or several.
+    """
+    names = adapter_name_list(adapter_names, "delete_tlora_adapters")
+    components = components_of(target)
+    held = {name: loaded for name, denoiser in components.items() if (loaded := loaded_adapters(denoiser))}
+    unknown = [name for name in names if not any(name in loaded.records for loaded in held.values())]
+    if unknown:
+        raise TLoRAError(
+            f"delete_tlora_adapters: no adapter named {', '.join(map(repr, unknown))}; loaded adapters: "
+            f"{_listing(held)}. (Modules applied by hand are removed with LyCORIS's `network.restore()`.)"
+        )
+    touched = [name for name, loaded in held.items() if set(names) & set(loaded.records)]
+    refuse_inside_open_block([components[name] for name in touched], "delete_tlora_adapters")
+    for component in touched:
+        deleted = [name for name in names if name in held[component].records]
+        _delete(target, component, components[component], deleted)
+        logger.info("Deleted the T-LoRA adapters %s of %s", deleted, component)
+
+
+def check_adapter_name(adapter_name: Any) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise TLoRAError(f"adapter_name must be a non-empty name without dots, got {adapter_name!r}.")
+
+
+def adapter_name_list(adapter_names: Any, verb: str) -> list[str]:
+    """One name or several, as diffusers' adapter verbs take them; each a string, none twice."""
+    names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise TLoRAError(f"{verb}: adapter_names must be a name or a list of names, got {adapter_names!r}.")
+    if len(set(names)) != len(names):
+        raise TLoRAError(f"{verb}: adapter_names names an adapter twice: {list(names)}.")
+    return list(names)
+
+
+def _listing(held: dict[str, LoadedAdapters]) -> str:
+    return "; ".join(f"{name}: {', '.join(map(repr, loaded.records))}" for name, loaded in held.items()) or "none"
+
+
+def hook_options(
+    denoiser: nn.Module, adapter_name: str, mode: str | None, timestep_fn: Any, scheduler: Any
+) -> HookOptions:
+    """The options a load or create installs the hooks with: those given, else those the denoiser's other adapters
+    run with (a load that leaves no other adapter starts from the defaults, as a first load does)."""
+    loaded = loaded_adapters(denoiser)
+    others = loaded is not None and any(name != adapter_name for name in loaded.records)
+    current = loaded.options if others else HookOptions()
+    return HookOptions(
+        mode=current.mode if mode is None else mode,
+        timestep_fn=current.timestep_fn if timestep_fn is None else timestep_fn,
+        scheduler=current.scheduler if scheduler is None else scheduler,
+    )
 
 
 def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: float | None) -> RankSchedule:
@@ -243,9 +273,11 @@ def _schedule(tlora_file: TLoraFile, rank: int, min_rank: int | None, alpha: flo
 
 
 def _refuse_foreign_modules(match: Match) -> None:
-    """Stacking on T-LoRA modules applied by hand would put two adapters under one mask group."""
-    record = match.denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
-    ours = {id(lora) for lora in record.network.loras} if record is not None else set()
+    """Stacking on T-LoRA modules applied by hand would mask them with an adapter's schedule they were not trained
+    with."""
+    loaded = loaded_adapters(match.denoiser)
+    records = loaded.records.values() if loaded is not None else ()
+    ours = {id(lora) for record in records for lora in record.network.loras}
     foreign = [module for module in applied_tlora_modules(match.denoiser) if id(module) not in ours]
     if foreign:
         raise TLoRAError(
@@ -253,23 +285,6 @@ def _refuse_foreign_modules(match: Match) -> None:
             "put there. Remove them first (`network.restore()` on the LyCORIS network that applied them), then load "
             "the file."
         )
-
-
-def _build_on_pristine_weights(
-    target: Any, match: Match, tlora_file: TLoraFile, multiplier: float, cache: str | None, progress: ProgressBars
-) -> LycorisNetwork:
-    """Build with the hooks of an earlier load removed: the fold mode keeps that adapter's delta in the weights
-    between calls, and the base rebuild must see the model's own weights. On failure the earlier hooks come back."""
-    previous = match.denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
-    hook = installed_hook(match.denoiser)
-    if hook is not None:
-        hook.remove()
-    try:
-        return _build_network(match, tlora_file, multiplier, cache, progress)
-    except BaseException:
-        if hook is not None and previous is not None:
-            _enable(target, match.component, previous)
-        raise
 
 
 @torch.no_grad()
@@ -324,66 +339,95 @@ def _fill(module: TLoraModuleWithoutSvd, weights: ModuleWeights) -> None:
         module.base_lambda.copy_(weights.base.lam.reshape(module.base_lambda.shape))
 
 
-def _swap_in(target: Any, match: Match, record: LoadRecord) -> TLoRAHandle:
-    """Replace what was loaded on this denoiser; on any failure put the previous state back."""
+def swap_adapter(
+    target: Any, match: Match, adapter_name: str, build: Callable[[], LoadRecord], options: HookOptions
+) -> TLoRAHandle:
+    """Add the adapter `build()` makes to the denoiser, replacing the one of that name, and hook every adapter.
+
+    The denoiser's hooks come off first and the replaced adapter's modules with them, so `build()` sees the model's
+    own weights (the fold keeps a delta in them between calls). On any failure the denoiser is put back exactly as
+    it was: its adapters, their modules and their hooks.
+    """
+    _refuse_foreign_modules(match)
     denoiser = match.denoiser
-    previous = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
-    if previous is not None:
-        _remove(denoiser, previous)
-    record.attach(denoiser)
+    previous = loaded_adapters(denoiser)
+    replaced = previous.records.get(adapter_name) if previous is not None else None
+    others = previous.without(adapter_name).records if previous is not None else {}
+    hook = installed_hook(denoiser)
+    if hook is not None:
+        hook.remove()
+    if replaced is not None:
+        replaced.detach(denoiser)
+    record = None
     try:
-        handle = _enable(target, match.component, record)
+        record = build()
+        record.attach(denoiser, others.values())
+        loaded = LoadedAdapters({**(previous.records if previous is not None else {}), adapter_name: record}, options)
+        set_loaded_adapters(denoiser, loaded)
+        handle = _enable(target, match.component, denoiser, loaded)
     except BaseException:
-        record.detach(denoiser)
-        if previous is not None:
-            previous.attach(denoiser)
-            _enable(target, match.component, previous)
-            denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = previous
+        if record is not None and record.original_forwards:  # its attach began
+            record.detach(denoiser)
+        if replaced is not None:
+            replaced.attach(denoiser, others.values())
+        set_loaded_adapters(denoiser, previous)
+        if previous is not None and hook is not None:
+            _enable(target, match.component, denoiser, previous)
         raise
-    denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = record
-    handle.add_exit_action(_unloader(denoiser, record))
+    handle.add_exit_action(_unloader(target, match.component, denoiser, record))
     return handle
 
 
-def _unloader(denoiser: nn.Module, record: LoadRecord) -> Callable[[], None]:
-    """What ends `with load_tlora(...)`: unload the file, unless something replaced or unloaded it since. Left
-    applied without its hooks, the modules would run every rank at every step."""
-    denoiser_ref = weakref.ref(denoiser)
+def _unloader(target: Any, component: str, denoiser: nn.Module, record: LoadRecord) -> Callable[[], None]:
+    """What ends `with load_tlora(...)`: unload this adapter, unless something replaced or unloaded it since; the
+    denoiser's other adapters get their hooks back. Left applied without hooks, the modules would run every rank at
+    every step."""
+    target_ref, denoiser_ref = weakref.ref(target), weakref.ref(denoiser)
 
     def unload() -> None:
         denoiser = denoiser_ref()
-        if denoiser is not None and denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE) is record:
-            _remove(denoiser, record)
+        loaded = loaded_adapters(denoiser) if denoiser is not None else None
+        if loaded is not None and loaded.records.get(record.adapter_name) is record:
+            # the block's exit removed the hooks just before: the other adapters get theirs back
+            _delete(target_ref() or denoiser, component, denoiser, [record.adapter_name], rehook=True)
 
     return unload
 
 
-def replace_adapter(target: Any, match: Match, build: Callable[[], LoadRecord]) -> TLoRAHandle:
-    """Take what is loaded off the denoiser (hooks and modules), `build()` a record on the model alone, apply it and
-    enable its hooks; on any failure put the previous adapter back exactly as it was."""
-    _refuse_foreign_modules(match)
-    denoiser = match.denoiser
-    previous = denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE)
-    if previous is not None:
-        _remove(denoiser, previous)
-    try:
-        return _swap_in(target, match, build())
-    except BaseException:
-        if previous is not None and denoiser.__dict__.get(LOAD_RECORD_ATTRIBUTE) is None:
-            previous.attach(denoiser)
-            _enable(target, match.component, previous)
-            denoiser.__dict__[LOAD_RECORD_ATTRIBUTE] = previous
-        raise
+def _enable(target: Any, component: str, denoiser: nn.Module, loaded: LoadedAdapters) -> TLoRAHandle:
+    """Hook the denoiser with every loaded adapter, each masked by its own schedule, all in one mode."""
+    options = loaded.options
+    return hook_denoisers(
+        target, {component: (denoiser, [record.hooked() for record in loaded.records.values()])},
+        mode=options.mode, timestep_fn=options.timestep_fn, scheduler=options.scheduler, replace_all=False,
+    )
 
 
-def _enable(target: Any, component: str, record: LoadRecord) -> TLoRAHandle:
-    components = {"components": [component]} if is_pipeline(target) else {}
-    return enable_tlora(target, **record.enable_kwargs, **components)
-
-
-def _remove(denoiser: nn.Module, record: LoadRecord) -> None:
+def _delete(
+    target: Any, component: str, denoiser: nn.Module, adapter_names: list[str], rehook: bool | None = None
+) -> None:
+    """Detach the named adapters (LyCORIS unchains a wrapper from anywhere in a layer's chain); the others are
+    hooked again if `rehook` (default: if they were hooked)."""
+    loaded = loaded_adapters(denoiser)
     hook = installed_hook(denoiser)
     if hook is not None:
         hook.remove()
-    record.detach(denoiser)
-    denoiser.__dict__.pop(LOAD_RECORD_ATTRIBUTE, None)
+    rehook = hook is not None if rehook is None else rehook
+    remaining = loaded
+    for name in reversed(list(loaded.records)):
+        if name in adapter_names:
+            loaded.records[name].detach(denoiser)
+            remaining = remaining.without(name)
+    set_loaded_adapters(denoiser, remaining)
+    if rehook and remaining.records:
+        _enable(target, component, denoiser, remaining)
+
+
+def _remove_all(denoiser: nn.Module, loaded: LoadedAdapters) -> None:
+    """Unhook the denoiser and detach every loaded adapter, the last applied first."""
+    hook = installed_hook(denoiser)
+    if hook is not None:
+        hook.remove()
+    for record in reversed(list(loaded.records.values())):
+        record.detach(denoiser)
+    set_loaded_adapters(denoiser, None)

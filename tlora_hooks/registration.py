@@ -16,7 +16,8 @@ the forwards accelerate wrapped keep working.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 from torch import nn
 
@@ -90,3 +91,18 @@ def registered_networks(denoiser: nn.Module) -> dict[str, LycorisNetwork]:
     """The T-LoRA networks registered under `denoiser`, by adapter name."""
     adapters = denoiser._modules.get(ADAPTERS_ATTRIBUTE)
     return dict(adapters.items()) if isinstance(adapters, TLoraAdapters) else {}
+
+
+@contextmanager
+def adapters_hidden(denoiser: nn.Module) -> Iterator[None]:
+    """The denoiser without its registered adapters for a while: LyCORIS's presets walk `named_modules()`, where a
+    name pattern could otherwise match another adapter's own layers (`tlora.<name>.lycoris_..._attn1_to_q.q_layer`)."""
+    adapters = denoiser._modules.get(ADAPTERS_ATTRIBUTE)
+    if not isinstance(adapters, TLoraAdapters):
+        yield
+        return
+    del denoiser._modules[ADAPTERS_ATTRIBUTE]
+    try:
+        yield
+    finally:
+        denoiser._modules[ADAPTERS_ATTRIBUTE] = adapters

@@ -13,10 +13,10 @@ from .errors import TLoRAError
 from .formats.locate import KNOWN_FILE_NAMES
 from .formats.lycoris import CONFIG_KEY, write
 from .formats.state import BaseTerms, ModuleWeights, TLoraFile
-from .loading import LOAD_RECORD_ATTRIBUTE, NETWORK_RECORD_ATTRIBUTE, LoadRecord
+from .records import NETWORK_RECORD_ATTRIBUTE, LoadRecord, loaded_adapters
 
 
-def save_tlora(network_or_target: Any, path: str | os.PathLike) -> str:
+def save_tlora(network_or_target: Any, path: str | os.PathLike, *, adapter_name: str | None = None) -> str:
     """Save a T-LoRA in LyCORIS's `algo="tlora"` layout, with SimpleTuner's `lycoris_config` metadata.
 
     The file holds, per module, LyCORIS's `q_layer.weight`, `p_layer.weight`, `lambda_layer` and `alpha`, and the
@@ -31,11 +31,13 @@ def save_tlora(network_or_target: Any, path: str | os.PathLike) -> str:
             `create_tlora` or `load_tlora` put there.
         path: The `.safetensors` file to write, or an existing folder (the file is then
             `pytorch_lora_weights.safetensors` in it, as SimpleTuner names it).
+        adapter_name: Which adapter of the pipeline or denoiser to save, where it holds several (one file holds one
+            adapter, as LyCORIS's and SimpleTuner's files do).
 
     Returns:
         The path of the file written.
     """
-    record = _record(network_or_target)
+    record = _record(network_or_target, adapter_name)
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, KNOWN_FILE_NAMES[0])
@@ -54,11 +56,11 @@ def save_tlora(network_or_target: Any, path: str | os.PathLike) -> str:
     tlora_file = TLoraFile(
         path=path, format=record.format, modules=modules, metadata={CONFIG_KEY: json.dumps(record.config)}
     )
-    write(tlora_file, path, record.enable_kwargs["min_rank"], record.enable_kwargs["alpha"])
+    write(tlora_file, path, record.schedule.min_rank, record.schedule.alpha)
     return path
 
 
-def _record(network_or_target: Any) -> LoadRecord:
+def _record(network_or_target: Any, adapter_name: str | None) -> LoadRecord:
     """The record of the network `create_tlora` or `load_tlora` made, from the network or its pipeline or denoiser."""
     from lycoris import LycorisNetwork
 
@@ -69,17 +71,27 @@ def _record(network_or_target: Any) -> LoadRecord:
                 "save_tlora saves networks made by create_tlora or load_tlora. For a network built with "
                 "create_lycoris, call network.save_weights(path, None, {'lycoris_config': json.dumps(config)})."
             )
+        if adapter_name is not None and adapter_name != record.adapter_name:
+            raise TLoRAError(
+                f"save_tlora: adapter_name={adapter_name!r}, but the network given is the adapter "
+                f"{record.adapter_name!r}. Pass one or the other."
+            )
         return record
     components = components_of(network_or_target)
-    records = {
-        name: module.__dict__[LOAD_RECORD_ATTRIBUTE]
+    records = [
+        (name, record)
         for name, module in components.items()
-        if LOAD_RECORD_ATTRIBUTE in module.__dict__
-    }
+        if (loaded := loaded_adapters(module)) is not None
+        for record in loaded.records.values()
+        if adapter_name is None or record.adapter_name == adapter_name
+    ]
     if len(records) != 1:
-        found = ", ".join(records) or f"none of {', '.join(components)}"
+        found = ", ".join(f"{name}: {record.adapter_name!r}" for name, record in records)
+        named = "" if adapter_name is None else f" named {adapter_name!r}"
+        found = found or f"none{named} of {', '.join(components)}"
+        hint = "Pass adapter_name= to say which" if adapter_name is None else "Pass the denoiser itself"
         raise TLoRAError(
             f"save_tlora needs exactly one T-LoRA made by create_tlora or load_tlora on the target; it holds {found}. "
-            "Pass the network create_tlora returned, or the denoiser itself."
+            f"{hint}, or the network create_tlora returned."
         )
-    return next(iter(records.values()))
+    return records[0][1]

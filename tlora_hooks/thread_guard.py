@@ -48,6 +48,11 @@ class ThreadGuard:
         """Whether a claimed call is running (cheap: a hot-path test, run per block by `BlockGuard`)."""
         return self._owner is not None
 
+    def in_call(self) -> bool:
+        """Whether a claimed call is still running (not one left behind by an interrupted call)."""
+        with self._lock:
+            return self._owner is not None and self._claim_is_live()
+
     def reset(self) -> None:
         """Forget any owner (the hook was removed)."""
         self._owner, self._owner_call = None, None

@@ -14,6 +14,8 @@ Modules no fast mode reproduces (convolutions, dropout active in training mode) 
 splits a denoiser's modules between the modes, which `combined.py` drives as one.
 Training calls (autograd recording, a trainable adapter): `training.py` routes every module of a fast mode into the
 per-sample forward (`per_sample.py`), one mask per sample; `"lycoris"` keeps one mask per call.
+A mode serves every active adapter of its denoiser: each adapter has its own LyCORIS mask group, and the mode takes
+each call's masks by group (`protocol.GroupMasks`); inactive adapters are out of the forward (`chain.OutOfChain`).
 """
 
 from .build import MODES, build_mode, check_mode
@@ -21,12 +23,14 @@ from .combined import CombinedMode
 from .fold import FoldMode
 from .low_memory import LowMemoryMode
 from .lycoris import LycorisMode
-from .protocol import MaskMode, ModeFactory
+from .protocol import GroupMasks, GroupModules, MaskMode, ModeFactory
 
 __all__ = [
     "MODES",
     "CombinedMode",
     "FoldMode",
+    "GroupMasks",
+    "GroupModules",
     "LowMemoryMode",
     "LycorisMode",
     "MaskMode",

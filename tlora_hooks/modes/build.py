@@ -15,7 +15,7 @@ from .factors import base_layer, foldable, has_offload_hook, takes_fast_mode
 from .fold import FoldMode
 from .low_memory import LowMemoryMode
 from .lycoris import LycorisMode
-from .protocol import MaskMode, ModeFactory
+from .protocol import GroupModules, MaskMode, ModeFactory, by_group, group_of
 from .training import TrainingMode
 
 if TYPE_CHECKING:
@@ -23,51 +23,64 @@ if TYPE_CHECKING:
 
 
 def split(modules: list[TLoraModule], denoiser: nn.Module | None) -> tuple[list, list, list]:
-    """(foldable, other fast-mode modules, modules left to LyCORIS's forward)."""
+    """(foldable, other fast-mode modules, modules left to LyCORIS's forward).
+
+    A layer is folded with all of its modules (one per adapter on it), or not at all: then its fast-mode modules
+    run beside it.
+    """
     offloaded = denoiser is not None and any(has_offload_hook(m) for m in denoiser.modules())
-    # A layer (or a weight tied between layers) is folded once; other modules on it bypass. A layer a PEFT LoRA
-    # wraps is never folded: fusing that LoRA writes its weight through `.data`, which the fold cannot see.
+    by_layer: dict[int, list[TLoraModule]] = {}
+    for module in modules:
+        by_layer.setdefault(id(base_layer(module)), []).append(module)
+    # A layer (or a weight tied between layers) is folded once; the modules of the other one bypass. A layer a PEFT
+    # LoRA wraps is never folded: fusing that LoRA writes its weight through `.data`, which the fold cannot see.
     seen: set[int] = set(peft_wrapped_layers(denoiser)) if denoiser is not None else set()
     fold, bypass, rest = [], [], []
-    for module in modules:
-        layer = base_layer(module)
+    for layer_modules in by_layer.values():
+        layer = base_layer(layer_modules[0])
         ids = {id(layer), id(getattr(layer, "weight", None))}
-        if not takes_fast_mode(module):
-            rest.append(module)
-        elif not offloaded and not ids & seen and foldable(module) and ChainLink.slot(module) is not None:
-            fold.append(module)
-        else:
-            bypass.append(module)
+        fast = [module for module in layer_modules if takes_fast_mode(module)]
+        rest += [module for module in layer_modules if not takes_fast_mode(module)]
+        folds = (
+            len(fast) == len(layer_modules) and not offloaded and not ids & seen
+            and all(foldable(module) and ChainLink.slot(module) is not None for module in fast)
+        )
+        (fold if folds else bypass).extend(fast)
         seen |= ids
     return fold, bypass, rest
 
 
-def _mask_group(modules: list[TLoraModule], rest: list[TLoraModule], group_id: int) -> LycorisMode:
+def _mask_group(groups: GroupModules, rest: list[TLoraModule]) -> LycorisMode:
     """LyCORIS's mask API for every module: it runs `rest` (modules no fast mode takes) and publishes each call's
-    mask in the denoiser's mask group, so `handle.mask_groups` and `get_timestep_mask(group)` mean the same in every
-    mode."""
-    mode = LycorisMode(modules, group_id, runs=rest)
+    masks in the adapters' mask groups, so `get_timestep_mask(group)` means the same in every mode."""
+    mode = LycorisMode(groups, runs=rest)
     mode.runs_modules = bool(rest)
     return mode
 
 
-def _lycoris(modules, group_id, denoiser=None) -> MaskMode:
-    return LycorisMode(modules, group_id, runs=modules)
+def _all(groups: GroupModules) -> list[TLoraModule]:
+    return [module for modules in groups.values() for module in modules]
 
 
-def _low_memory(modules, group_id, denoiser=None) -> MaskMode:
+def _lycoris(groups, denoiser=None) -> MaskMode:
+    return LycorisMode(groups)
+
+
+def _low_memory(groups, denoiser=None) -> MaskMode:
+    modules = _all(groups)
     fold, bypass, rest = split(modules, denoiser)
     fast = fold + bypass
-    parts = [LowMemoryMode(fast, group_id, denoiser)] if fast else []
-    return TrainingMode(CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id), modules, group_id)
+    parts = [LowMemoryMode(by_group(fast, group_of(groups)), denoiser)] if fast else []
+    return TrainingMode(CombinedMode(parts + [_mask_group(groups, rest)]), modules, list(groups))
 
 
-def _fold(modules, group_id, denoiser=None) -> MaskMode:
+def _fold(groups, denoiser=None) -> MaskMode:
+    modules = _all(groups)
     fold, bypass, rest = split(modules, denoiser)
-    parts = [FoldMode(fold, group_id, denoiser)] if fold else []
+    parts = [FoldMode(by_group(fold, group_of(groups)), denoiser)] if fold else []
     if bypass:
-        parts.append(LowMemoryMode(bypass, group_id, denoiser))
-    return TrainingMode(CombinedMode(parts + [_mask_group(modules, rest, group_id)], group_id), modules, group_id)
+        parts.append(LowMemoryMode(by_group(bypass, group_of(groups)), denoiser))
+    return TrainingMode(CombinedMode(parts + [_mask_group(groups, rest)]), modules, list(groups))
 
 
 MODES: dict[str, ModeFactory] = {
@@ -90,19 +103,21 @@ def check_forward_path(modules: list[TLoraModule], where: str) -> None:
         raise dropped_error(dropped, where)
 
 
-def build_mode(
-    mode: str, modules: list[TLoraModule], group_id: int, denoiser: nn.Module | None = None
-) -> MaskMode:
-    """The mode `mode` names, with "auto" resolved for these modules (and their denoiser's offloading hooks).
+def build_mode(mode: str, groups: GroupModules, denoiser: nn.Module | None = None) -> MaskMode:
+    """The mode `mode` names over the active adapters' modules (`groups`: by mask group), with "auto" resolved for
+    them (and their denoiser's offloading hooks); with no active adapter, a mode that does nothing.
 
     A module LyCORIS applied over an accelerate hook is first put inside it, so removing the hook keeps the module
     in the forward (undone when the mode is removed)."""
     check_mode(mode)
+    modules = _all(groups)
+    if not modules:
+        return TrainingMode(CombinedMode([]), [], [])
     nestings = HookNesting.wherever_needed(modules)
     try:
         if mode == "auto":
             mode = resolve_auto(split(modules, denoiser)[0])
-        built = MODES[mode](modules, group_id, denoiser)
+        built = MODES[mode](groups, denoiser)
     except BaseException:
         for nesting in nestings:
             nesting.undo()

@@ -12,6 +12,7 @@ applied *after* the hook (its `org_forward` is the hook's forward) silently drop
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
@@ -26,10 +27,17 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 
+# Modules a ChainLink took out of their chain: their `org_forward` still points into the chain, but nothing calls
+# them, so it is no slot of anyone's.
+_unlinked: weakref.WeakSet = weakref.WeakSet()
+
+
 class ChainLink:
     """The slot (`layer.forward` or an outer wrapper's `org_forward`) that calls the module, pointed past it.
 
     While unlinked, the layer runs exactly as if LyCORIS had never wrapped it: no Python frame of LyCORIS per call.
+    Several modules on one layer (two adapters) are unlinked inner first (`inner_first`) and relinked in the reverse
+    order, which gives back LyCORIS's chain exactly.
     """
 
     def __init__(self, module: TLoraModule, holder: Any, attribute: str) -> None:
@@ -38,6 +46,7 @@ class ChainLink:
         self.attribute = attribute
         self.bypassing = module.org_forward
         setattr(holder, attribute, self.bypassing)
+        _unlinked.add(module)
 
     @staticmethod
     def slot(module: TLoraModule) -> tuple[Any, str] | None:
@@ -62,6 +71,51 @@ class ChainLink:
                 self.module.lora_name,
             )
         setattr(self.holder, self.attribute, self.module.forward)
+        _unlinked.discard(self.module)
+
+
+def inner_first(modules: list[TLoraModule]) -> list[TLoraModule]:
+    """The modules ordered so that, on each layer, the ones LyCORIS applied first (innermost) come first: the order
+    to unlink them in (and to relink them in reverse)."""
+
+    def position(module: TLoraModule) -> int:
+        wrappers = base_layer(module).__dict__.get("_lycoris_wrappers", ())
+        return next((index for index, wrapper in enumerate(wrappers) if wrapper is module), len(wrappers))
+
+    return sorted(modules, key=position)
+
+
+def chained_forward(module: TLoraModule) -> Callable[[Any], Any]:
+    """The module's `org_forward` as it is when called: training routes relink the modules inside it first."""
+    return lambda x: module.org_forward(x)
+
+
+def unlink_all(modules: list[TLoraModule], where: str) -> list[ChainLink]:
+    """Unlink `modules`, inner first; on failure relink those done and raise. Relink the result in reverse."""
+    links: list[ChainLink] = []
+    try:
+        for module in inner_first(modules):
+            link = ChainLink.unlink(module)
+            if link is None:
+                raise dropped_error([module], where)
+            links.append(link)
+    except BaseException:
+        while links:
+            links.pop().relink()
+        raise
+    return links
+
+
+class OutOfChain:
+    """An inactive adapter's modules, taken out of their layers' forward chains so they cost nothing per call;
+    `restore()` puts them back exactly."""
+
+    def __init__(self, modules: list[TLoraModule], where: str) -> None:
+        self.links = unlink_all(modules, where)
+
+    def restore(self) -> None:
+        while self.links:
+            self.links.pop().relink()
 
 
 class BypassOverride:
@@ -98,7 +152,9 @@ def forward_slots(layer: nn.Module, besides: TLoraModule | None = None) -> list[
     """Every (holder, attribute) of a layer's forward chain that may hold a wrapper's forward."""
     slots = [(layer, "forward"), (layer, "_old_forward")]  # accelerate's add_hook_to_module
     wrappers = layer.__dict__.get("_lycoris_wrappers", ())
-    slots += [(wrapper, "org_forward") for wrapper in wrappers if wrapper is not besides]
+    slots += [
+        (wrapper, "org_forward") for wrapper in wrappers if wrapper is not besides and wrapper not in _unlinked
+    ]
     for reference in getattr(layer.__dict__.get("_diffusers_hook"), "_fn_refs", ()):
         slots += [(reference, "forward"), (reference, "original_forward")]
     return slots

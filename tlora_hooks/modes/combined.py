@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from .protocol import GroupMasks
+
 
 class CombinedMode:
     """Several modes, each over its own modules, set and cleared together."""
 
-    def __init__(self, parts: list, group_id: int) -> None:
+    def __init__(self, parts: list) -> None:
         self.parts = [part for part in parts if part is not None]
-        self.group_id = group_id
 
     @property
     def name(self) -> str:
@@ -24,13 +25,14 @@ class CombinedMode:
     def extra_memory_bytes(self) -> int:
         return sum(part.extra_memory_bytes for part in self.parts)
 
-    def set_mask(self, mask: torch.Tensor) -> None:
+    def set_masks(self, masks: GroupMasks) -> None:
         for part in self.parts:
-            part.set_mask(mask if mask.dtype == part.mask_dtype else mask.to(part.mask_dtype))
+            dtype = part.mask_dtype
+            part.set_masks({group: mask if mask.dtype == dtype else mask.to(dtype) for group, mask in masks.items()})
 
-    def clear_mask(self) -> None:
+    def clear_masks(self) -> None:
         for part in self.parts:
-            part.clear_mask()
+            part.clear_masks()
 
     def refresh(self) -> None:
         for part in self.parts:
@@ -51,11 +53,11 @@ class NestedMode:
     def __getattr__(self, name: str):
         return getattr(self.__dict__["mode"], name)
 
-    def set_mask(self, mask: torch.Tensor) -> None:
-        self.mode.set_mask(mask)
+    def set_masks(self, masks: GroupMasks) -> None:
+        self.mode.set_masks(masks)
 
-    def clear_mask(self) -> None:
-        self.mode.clear_mask()
+    def clear_masks(self) -> None:
+        self.mode.clear_masks()
 
     def remove(self) -> None:
         self.mode.remove()

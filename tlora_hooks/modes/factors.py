@@ -28,6 +28,17 @@ def delta_factors(module: TLoraModule, device: torch.device, dtype: torch.dtype)
         return a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous()
 
 
+def layer_factors(
+    modules: list[TLoraModule], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of every adapter's module on one layer, concatenated along the rank: A (K, in), B (out, K) with
+    K = 2·(r₁ + r₂ + ...), so one product gives the sum of their deltas (masked by `signature_mask`)."""
+    factors = [delta_factors(module, device, dtype) for module in modules]
+    if len(factors) == 1:
+        return factors[0]
+    return torch.cat([a for a, _ in factors]).contiguous(), torch.cat([b for _, b in factors], dim=1).contiguous()
+
+
 def factor_terms(module: TLoraModule) -> tuple[torch.Tensor, ...]:
     """Q (r, in), P (out, r), λ (1, r) and their frozen base copies Q₀, P₀, λ₀, as matrices (a convolution's 1×1
     kernels flattened), still attached to autograd."""
@@ -49,6 +60,15 @@ def stacked_factors(q, p, lam, q0, p0, lam0, *, scale: float) -> tuple[torch.Ten
 def doubled_mask(mask: torch.Tensor, rank: int) -> torch.Tensor:
     """[m[:r], m[:r]] of a (1, max_rank) mask: the mask of `delta_factors`' 2r stacked ranks, for a rank-r module."""
     return mask[0, :rank].repeat(2)
+
+
+# The adapters whose modules share one layer, in their order along the concatenated factors: (mask group, rank).
+Signature = tuple[tuple[int, int], ...]
+
+
+def signature_mask(masks: dict[int, torch.Tensor], signature: Signature) -> torch.Tensor:
+    """The mask of a layer's adapters' factors concatenated along the rank: each adapter's doubled mask in turn."""
+    return torch.cat([doubled_mask(masks[group], rank) for group, rank in signature])
 
 
 def factor_bytes(module: TLoraModule, dtype: torch.dtype) -> int:

@@ -4,6 +4,8 @@ plain layers.
 Same-shaped weights are stacked: each layer's weight becomes a view of one (G, out, in) tensor, so one `baddbmm`
 per stack refolds them all, a fixed number of kernels per call whatever the number of modules, with no
 Python per module and no host sync. The extra memory is one copy W0 of the folded weights plus the factors.
+Where several adapters adapt a layer, their factors are concatenated along the rank (and their masks, each scaled
+by its adapter's strength), so one pass folds them all; a stack holds layers with the same adapters.
 `remove()` writes W0 back: the weights come back bit-identical, each in its own storage. On CUDA with bf16/fp16
 weights a fused Triton kernel (`fold_kernel`) reads W0 and writes W once, where it times faster than `baddbmm`.
 
@@ -27,9 +29,10 @@ from ..discovery import peft_wrapped_layers
 from ..errors import TLoRAError
 from ..logging import get_logger
 from . import fold_kernel
-from .chain import ChainLink
-from .factors import base_layer, delta_factors, doubled_mask
+from .chain import ChainLink, chained_forward, inner_first
+from .factors import Signature, base_layer, layer_factors, signature_mask
 from .low_memory import LowMemoryMode
+from .protocol import GroupMasks, GroupModules, by_group, group_of
 from .stacked import StackedMode
 from .training import TrainingRoute
 from .weight_watch import WeightWatch, plain_float, storage_pointer, weight_of
@@ -51,13 +54,19 @@ def keeps_weight_copies(denoiser: nn.Module | None) -> bool:
 
 
 class FoldStack:
-    """Layers whose weights share device, dtype, shape and T-LoRA rank, stacked into one tensor and folded by one
-    batched matmul."""
+    """Layers whose weights share device, dtype and shape, adapted by the same adapters with the same ranks, stacked
+    into one tensor and folded by one batched matmul.
 
-    def __init__(self, modules: list[TLoraModule]) -> None:
-        self.modules = modules
-        self.layers: list[nn.Module] = [base_layer(module) for module in modules]
-        self.rank = modules[0].lora_dim
+    Args:
+        layer_modules: Each layer's T-LoRA modules, innermost first (one per adapter on it).
+        signature: Each of those modules' (mask group, rank), the same for every layer of the stack.
+    """
+
+    def __init__(self, layer_modules: list[list[TLoraModule]], signature: Signature) -> None:
+        self.layer_modules = layer_modules
+        self.modules = [module for modules in layer_modules for module in modules]
+        self.layers: list[nn.Module] = [base_layer(modules[0]) for modules in layer_modules]
+        self.signature = signature
         self.base: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
         self.trains_base = False  # training calls run the layers' own weights (see `enter_training`)
@@ -87,8 +96,9 @@ class FoldStack:
         self.watch = WeightWatch(self.layers)
 
     def _build_factors(self) -> None:
-        """A and B from the modules' current parameters; the next fold rewrites every weight."""
-        factors = [delta_factors(module, self.base.device, self.base.dtype) for module in self.modules]
+        """A and B from the modules' current parameters, each layer's adapters concatenated along the rank; the next
+        fold rewrites every weight."""
+        factors = [layer_factors(modules, self.base.device, self.base.dtype) for modules in self.layer_modules]
         self.a = torch.stack([a for a, _ in factors])
         self.b = torch.stack([b for _, b in factors])
         # The mask last folded, for the fused kernel to skip an unchanged one; NaN: nothing folded yet.
@@ -186,7 +196,7 @@ class FoldStack:
             self._follow_moved(first)
             return
         if self.folded_mask is not None:
-            names = [self.modules[index].lora_name for index in changed]
+            names = [self.layer_modules[index][0].lora_name for index in changed]
             raise TLoRAError(
                 f"The weights of {len(names)} layers that T-LoRA mode 'fold' rewrites (e.g. {names[0]}) were written "
                 "while they held W0 plus the T-LoRA delta of the last call (an in-place edit, an optimizer step, a "
@@ -200,7 +210,7 @@ class FoldStack:
                 weight = weight_of(self.layers[index])
                 if weight.shape != self.weights[index].shape:
                     raise TLoRAError(
-                        f"The weight of {self.modules[index].lora_name} was replaced by one of shape "
+                        f"The weight of {self.layer_modules[index][0].lora_name} was replaced by one of shape "
                         f"{tuple(weight.shape)}; its T-LoRA was built for {tuple(self.weights[index].shape)}."
                     )
                 if storage_pointer(weight) != self.weights[index].data_ptr():  # a new tensor: bring it into the stack
@@ -305,8 +315,8 @@ class FoldMode(StackedMode):
     LoRA write the layer's own weight.
     """
 
-    def __init__(self, modules: list[TLoraModule], group_id: int, denoiser: nn.Module | None = None) -> None:
-        self.group_id = group_id
+    def __init__(self, groups: GroupModules, denoiser: nn.Module | None = None) -> None:
+        self.group_of = group_of(groups)
         self.links: list[ChainLink] = []
         self.stacks: list[FoldStack] = []
         self.evicted: LowMemoryMode | None = None
@@ -314,21 +324,24 @@ class FoldMode(StackedMode):
             weakref.ref(denoiser) if denoiser is not None else lambda: None
         )
         self.peft_adapters = self._peft_adapters()
-        self._fold(modules)
+        self._fold([module for modules in groups.values() for module in modules])
 
     def _fold(self, modules: list[TLoraModule]) -> None:
         try:
-            for module in modules:
+            by_layer: dict[int, list[TLoraModule]] = defaultdict(list)
+            for module in inner_first(modules):
                 link = ChainLink.unlink(module)
                 if link is None:
                     raise TLoRAError(f"T-LoRA module {module.lora_name} is not where LyCORIS apply_to() put it.")
                 self.links.append(link)
-            by_key: dict[tuple, list[TLoraModule]] = defaultdict(list)
-            for module in modules:
-                weight = base_layer(module).weight
-                by_key[(weight.device, weight.dtype, tuple(weight.shape), module.lora_dim)].append(module)
-            for members in by_key.values():
-                self.stacks.append(FoldStack(members))
+                by_layer[id(base_layer(module))].append(module)
+            by_key: dict[tuple, list[list[TLoraModule]]] = defaultdict(list)
+            for layer_modules in by_layer.values():
+                weight = base_layer(layer_modules[0]).weight
+                signature = tuple((self.group_of[id(module)], module.lora_dim) for module in layer_modules)
+                by_key[(weight.device, weight.dtype, tuple(weight.shape), signature)].append(layer_modules)
+            for (*_, signature), members in by_key.items():
+                self.stacks.append(FoldStack(members, signature))
         except BaseException:
             self.remove()
             raise
@@ -353,24 +366,25 @@ class FoldMode(StackedMode):
         evicted = self.evicted.extra_memory_bytes if self.evicted is not None else 0
         return super().extra_memory_bytes + evicted
 
-    def set_mask(self, mask: torch.Tensor) -> None:
-        doubled: dict[tuple, torch.Tensor] = {}
+    def set_masks(self, masks: GroupMasks) -> None:
+        stacked: dict[tuple, torch.Tensor] = {}
         self._refuse_group_offloading()
         with torch.no_grad():
             self._follow_peft()
             for stack in self.stacks:
                 stack.take_outside_writes()
-                key = (stack.rank, stack.device, stack.dtype)
-                if key not in doubled:
-                    doubled[key] = doubled_mask(mask, stack.rank).to(stack.device, stack.dtype)
-                stack.fold(doubled[key])
+                key = (stack.signature, stack.device, stack.dtype)
+                if key not in stacked:  # one small mask per kind of stack and call, none per layer
+                    stacked[key] = signature_mask(masks, stack.signature).to(stack.device, stack.dtype)
+                stack.fold(stacked[key])
         if self.evicted is not None:
-            self.evicted.set_mask(mask.to(self.evicted.mask_dtype))
+            dtype = self.evicted.mask_dtype
+            self.evicted.set_masks({group: mask.to(dtype) for group, mask in masks.items()})
 
-    def clear_mask(self) -> None:
+    def clear_masks(self) -> None:
         """Nothing to fold back: the next call refolds, and `remove()` restores W0."""
         if self.evicted is not None:
-            self.evicted.clear_mask()
+            self.evicted.clear_masks()
 
     def _refuse_group_offloading(self) -> None:
         """Group offloading applied after the fold with CUDA streams or a disk path keeps its own copies of the
@@ -413,7 +427,7 @@ class FoldMode(StackedMode):
         evicted = leaving + (self.evicted.modules if self.evicted is not None else [])
         self.remove()
         self._fold(staying)
-        self.evicted = LowMemoryMode(evicted, self.group_id)
+        self.evicted = LowMemoryMode(by_group(evicted, self.group_of))
         logger.info("T-LoRA fold: a PEFT LoRA wraps %d folded layers; they now run beside their weights "
                     "(low_memory), so fusing or unfusing it writes their own weights.", len(leaving))
 
@@ -434,9 +448,14 @@ class FoldMode(StackedMode):
         routes = self.evicted.training_routes() if self.evicted is not None else []
         for stack in self.stacks:
             stack.enter_training()
-            for index, module in enumerate(stack.modules):
-                base_forward = module.org_forward if stack.trains_base else stack.original_forward(index)
-                routes.append(TrainingRoute(module, base_forward, links[id(module)], module.bypass_mode))
+            for index, modules in enumerate(stack.layer_modules):
+                for position, module in enumerate(modules):
+                    # The innermost module adds to W0; each other one to the module inside it, relinked by then.
+                    if position or stack.trains_base:
+                        base_forward = chained_forward(module)
+                    else:
+                        base_forward = stack.original_forward(index)
+                    routes.append(TrainingRoute(module, base_forward, links[id(module)], module.bypass_mode))
         return routes
 
     def leave_training(self) -> None:
@@ -449,9 +468,9 @@ class FoldMode(StackedMode):
         with torch.no_grad():
             for stack in self.stacks:
                 stack.restore()
-        for link in self.links:
-            link.relink()
-        self.stacks, self.links = [], []
+        while self.links:  # the reverse of the unlinking order, which gives back LyCORIS's chains exactly
+            self.links.pop().relink()
+        self.stacks = []
         if self.evicted is not None:
             self.evicted.remove()
             self.evicted = None

@@ -7,6 +7,11 @@ two extra matmuls and nothing else. It is reached through LyCORIS's own forward 
 leaves the layers' forward chain alone, so hooks that wrap a layer later (sequential offload) stay in place.
 Extra memory: the factors (2r·(in + out) values per module) plus the masked copy of the thinner one
 (2r·min(in, out)), in the activations' dtype, on the activations' device.
+A layer several adapters adapt runs them all in one pass, as the fold does: their factors concatenated along the
+rank, their masks (each scaled by its adapter's strength) side by side. The outermost of its LyCORIS modules carries
+the pass; the ones inside it are unlinked from the chain where the next module calls them (never from the layer's own
+`forward`, so hooks that wrap the layer later still stay in place). A second adapter then adds one rank-K product
+per layer, not a second LyCORIS frame and two more kernels (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..logging import get_logger
-from .chain import BypassOverride, ForwardPathCheck
-from .factors import FLOAT_WEIGHTS, base_layer, delta_factors, doubled_mask
+from .chain import BypassOverride, ChainLink, ForwardPathCheck, chained_forward, inner_first, unlink_all
+from .factors import FLOAT_WEIGHTS, Signature, base_layer, layer_factors, signature_mask
 from .placement import execution_devices
+from .protocol import GroupMasks, GroupModules, group_of
 from .stacked import StackedMode
 from .training import TrainingRoute
 
@@ -33,13 +39,17 @@ logger = get_logger(__name__)
 
 
 class BypassLayer:
-    """One layer's forward: its own output plus the masked low-rank delta, from views into its stack's factors."""
+    """One layer's forward: its own output plus the masked low-rank delta of each of its adapters, from views into
+    its stack's factors. Reached through `module`, the outermost of its LyCORIS modules (`modules`, inner first),
+    whose `org_forward` is the layer's own forward once the others are unlinked."""
 
-    __slots__ = ("module", "org_forward", "a", "b_t", "stack")
+    __slots__ = ("module", "modules", "signature", "org_forward", "a", "b_t", "stack")
 
-    def __init__(self, module: TLoraModule) -> None:
-        self.module = module
-        self.org_forward = module.org_forward
+    def __init__(self, modules: list[TLoraModule], signature: Signature) -> None:
+        self.modules = modules
+        self.module = modules[-1]
+        self.signature = signature
+        self.org_forward = self.module.org_forward  # read again once the inner modules are unlinked
         self.stack: BypassStack | None = None  # set when the mode groups its layers, on the first denoiser call
         self.a: torch.Tensor | None = None
         self.b_t: torch.Tensor | None = None  # Bᵀ, a view made once: one dispatch less per call
@@ -61,13 +71,13 @@ class BypassLayer:
         before the first denoiser call has grouped the layers."""
         if self.stack is not None:
             return self.stack.factors_for(self, x)
-        a, b = delta_factors(self.module, x.device, x.dtype)
+        a, b = layer_factors(self.modules, x.device, x.dtype)
         return a, b.t()
 
 
 class BypassStack:
-    """Modules of one rank, shape and dtype: their factors stacked into one tensor each, the thinner side masked in
-    place once per call.
+    """Layers of one shape and dtype, adapted by the same adapters with the same ranks: their factors stacked into one
+    tensor each, the thinner side masked in place once per call.
 
     Built on the first call's device (the activations'), in the layers' compute dtype, before the denoiser runs,
     so a compiled denoiser traces one state. Outside a call the masked side holds the unmasked factor: all ranks,
@@ -76,8 +86,8 @@ class BypassStack:
 
     def __init__(self, layers: list[BypassLayer], dtype: torch.dtype, home: torch.device | None = None) -> None:
         self.layers = layers
-        self.modules = [layer.module for layer in layers]
-        self.rank = self.modules[0].lora_dim
+        self.signature = layers[0].signature
+        self.modules = [module for layer in layers for module in layer.modules]
         self.dtype = dtype
         self.home = home  # where a device map runs these layers; None: on the device of the denoiser's inputs
         for layer in layers:
@@ -95,7 +105,7 @@ class BypassStack:
     def follow(self, device: torch.device) -> None:
         """Build on the first call's device; rebuild where the inputs or the layers' dtype changed since
         (`pipe.to(...)` after enable_tlora)."""
-        dtype = layer_dtype(self.modules[0]) or self.dtype
+        dtype = layer_dtype(self.layers[0].module) or self.dtype
         if self.a is not None and (self.a.device, self.a.dtype) == (device, dtype):
             return
         if self.a is not None:
@@ -108,7 +118,7 @@ class BypassStack:
 
     def build(self, device: torch.device) -> None:
         with torch.no_grad(), torch.inference_mode(False):  # usable by later calls outside inference mode
-            factors = [delta_factors(module, device, self.dtype) for module in self.modules]
+            factors = [layer_factors(layer.modules, device, self.dtype) for layer in self.layers]
             self.a = torch.stack([a for a, _ in factors])
             self.b = torch.stack([b for _, b in factors])
             mask_b = self.b.shape[1] <= self.a.shape[2]  # out <= in: B is thinner
@@ -140,23 +150,39 @@ class BypassStack:
 
 
 class LowMemoryMode(StackedMode):
-    """Runs each module's delta beside its untouched base layer. Extra memory: the factors, built on the first call,
-    each stack on the device its layers run on."""
+    """Runs each layer's adapters' deltas beside its untouched base layer. Extra memory: the factors, built on the
+    first call, each stack on the device its layers run on."""
 
     name = "low_memory"
 
-    def __init__(self, modules: list[TLoraModule], group_id: int, denoiser: nn.Module | None = None) -> None:
-        self.group_id = group_id
+    def __init__(self, groups: GroupModules, denoiser: nn.Module | None = None) -> None:
+        group_by_module = group_of(groups)
+        modules = [module for group_modules in groups.values() for module in group_modules]
         self.mask_dtype = compute_dtype(modules)
         self._denoiser = weakref.ref(denoiser) if denoiser is not None else lambda: None
-        self.layers = [BypassLayer(module) for module in modules]
-        self.overrides = [BypassOverride(layer.module, layer) for layer in self.layers]
+        by_layer: dict[int, list[TLoraModule]] = defaultdict(list)
+        for module in inner_first(modules):
+            by_layer[id(base_layer(module))].append(module)
+        self.layers = [
+            BypassLayer(layer_modules, tuple((group_by_module[id(m)], m.lora_dim) for m in layer_modules))
+            for layer_modules in by_layer.values()
+        ]
         self.stacks: list[BypassStack] = []
-        self.path_check = ForwardPathCheck(modules, "the low_memory mode")
+        self.overrides: list[BypassOverride] = []
+        inner = [module for layer in self.layers for module in layer.modules[:-1]]
+        self.links: list[ChainLink] = unlink_all(inner, "the low_memory mode")
+        try:
+            for layer in self.layers:
+                layer.org_forward = layer.module.org_forward  # the layer's own forward, the inner modules unlinked
+                self.overrides.append(BypassOverride(layer.module, layer))
+            self.path_check = ForwardPathCheck([layer.module for layer in self.layers], "the low_memory mode")
+        except BaseException:
+            self.remove()
+            raise
 
     @property
     def modules(self) -> list[TLoraModule]:
-        return [layer.module for layer in self.layers]
+        return [module for layer in self.layers for module in layer.modules]
 
     def group(self, call_device: torch.device) -> None:
         """Stack same-shaped layers that run on one device: on the call's device unless a device map (or an
@@ -166,26 +192,27 @@ class LowMemoryMode(StackedMode):
         for layer, device in zip(self.layers, devices):
             module = layer.module
             home = device if device is not None and device != call_device else None
-            by_key[(home, module.lora_dim, module.shape[0], module.shape[1], layer_dtype(module))].append(layer)
+            by_key[(home, layer.signature, module.shape[0], module.shape[1], layer_dtype(module))].append(layer)
         self.stacks = [
             BypassStack(members, dtype or self.mask_dtype, home) for (home, *_, dtype), members in by_key.items()
         ]
 
-    def set_mask(self, mask: torch.Tensor) -> None:
+    def set_masks(self, masks: GroupMasks) -> None:
         self.path_check.check()
+        call_device = next(iter(masks.values())).device
         if not self.stacks:
-            self.group(mask.device)
-        doubled: dict[tuple, torch.Tensor] = {}
+            self.group(call_device)
+        stacked: dict[tuple, torch.Tensor] = {}
         with torch.no_grad():
             for stack in self.stacks:
-                device = mask.device if stack.home is None else stack.home
+                device = call_device if stack.home is None else stack.home
                 stack.follow(device)
-                key = (stack.rank, device)
-                if key not in doubled:  # one small copy per device and call, none per layer
-                    doubled[key] = doubled_mask(mask, stack.rank).to(device, non_blocking=True)
-                stack.set_mask(doubled[key])
+                key = (stack.signature, device)
+                if key not in stacked:  # one small copy per kind of stack, device and call, none per layer
+                    stacked[key] = signature_mask(masks, stack.signature).to(device, non_blocking=True)
+                stack.set_mask(stacked[key])
 
-    def clear_mask(self) -> None:
+    def clear_masks(self) -> None:
         with torch.no_grad():
             for stack in self.stacks:
                 if stack.masked is not None:
@@ -198,11 +225,16 @@ class LowMemoryMode(StackedMode):
                 stack.build(stack.a.device)
 
     def training_routes(self) -> list[TrainingRoute]:
-        """Training calls run each module beside its untouched base layer, as inference calls do."""
-        return [
-            TrainingRoute(override.module, override.module.org_forward, bypass_mode=override.bypass_mode_before)
-            for override in self.overrides
-        ]
+        """Training calls run each module beside its untouched base layer, the inner ones linked back in first."""
+        links = {id(link.module): link for link in self.links}
+        carriers = {id(override.module): override for override in self.overrides}
+        routes = []
+        for layer in self.layers:
+            for module in layer.modules:
+                override = carriers.get(id(module))
+                bypass_mode = override.bypass_mode_before if override is not None else module.bypass_mode
+                routes.append(TrainingRoute(module, chained_forward(module), links.get(id(module)), bypass_mode))
+        return routes
 
     def leave_training(self) -> None:
         """Nothing to undo: training calls never touch the factors."""
@@ -210,6 +242,8 @@ class LowMemoryMode(StackedMode):
     def remove(self) -> None:
         while self.overrides:
             self.overrides.pop().restore()
+        while self.links:
+            self.links.pop().relink()
         self.stacks = []
 
 

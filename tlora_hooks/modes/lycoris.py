@@ -9,26 +9,28 @@ import torch
 
 from ..errors import TLoRAError
 from .chain import ForwardPathCheck
+from .protocol import GroupMasks, GroupModules
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
 
 
 class LycorisMode:
-    """Keeps LyCORIS's module forward and sets its mask for one denoiser's private mask group."""
+    """Keeps LyCORIS's module forward and sets each adapter's mask in its own LyCORIS mask group."""
 
     name = "lycoris"
-    # False where the fast modes run every module and this one only publishes the mask in the group.
+    # False where the fast modes run every module and this one only publishes the masks in the groups.
     runs_modules = True
 
-    def __init__(self, modules: list[TLoraModule], group_id: int, runs: list[TLoraModule] | None = None) -> None:
-        self.modules = modules
-        self.group_id = group_id
+    def __init__(self, groups: GroupModules, runs: list[TLoraModule] | None = None) -> None:
+        self.groups = groups
+        self.modules = [module for modules in groups.values() for module in modules]
         # The modules whose LyCORIS forward this mode runs must stay in their layers' forward chains.
-        self.path_check = ForwardPathCheck(modules if runs is None else runs, "the lycoris mode")
-        self._original_groups = [module.mask_group_id for module in modules]
-        for module in modules:
-            module.mask_group_id = group_id
+        self.path_check = ForwardPathCheck(self.modules if runs is None else runs, "the lycoris mode")
+        self._original_groups = [module.mask_group_id for module in self.modules]
+        for group, modules in groups.items():
+            for module in modules:
+                module.mask_group_id = group
 
     @property
     def mask_dtype(self) -> torch.dtype:
@@ -40,23 +42,26 @@ class LycorisMode:
         """No copies: LyCORIS rebuilds the delta inside each call."""
         return 0
 
-    def set_mask(self, mask: torch.Tensor) -> None:
+    def set_masks(self, masks: GroupMasks) -> None:
         self.path_check.check()
-        set_group_mask(mask, self.group_id)
+        for group, mask in masks.items():
+            set_group_mask(mask, group)
 
-    def set_sample_masks(self, masks: torch.Tensor) -> None:
+    def set_sample_masks(self, masks: GroupMasks) -> None:
         """A training call: LyCORIS holds one mask per call, so every sample must have the same rank."""
-        if masks.shape[0] > 1 and not bool((masks == masks[:1]).all()):
-            ranks = [int(rank) for rank in masks.sum(dim=1).tolist()]
-            raise TLoRAError(
-                f"mode='lycoris' runs LyCORIS's own forward, which holds one mask per call (set_timestep_mask), "
-                f"but the samples of this batch need ranks {ranks}. The default mode trains with one mask per "
-                "sample: enable_tlora(..., mode='auto'). Or give every sample of a batch the same timestep."
-            )
-        self.set_mask(masks[:1].to(self.mask_dtype))
+        for mask in masks.values():
+            if mask.shape[0] > 1 and not bool((mask == mask[:1]).all()):
+                ranks = [int(rank) for rank in (mask != 0).sum(dim=1).tolist()]
+                raise TLoRAError(
+                    f"mode='lycoris' runs LyCORIS's own forward, which holds one mask per call (set_timestep_mask), "
+                    f"but the samples of this batch need ranks {ranks}. The default mode trains with one mask per "
+                    "sample: enable_tlora(..., mode='auto'). Or give every sample of a batch the same timestep."
+                )
+        self.set_masks({group: mask[:1].to(self.mask_dtype) for group, mask in masks.items()})
 
-    def clear_mask(self) -> None:
-        set_group_mask(None, self.group_id)
+    def clear_masks(self) -> None:
+        for group in self.groups:
+            set_group_mask(None, group)
 
     def refresh(self) -> None:
         """Nothing to rebuild: LyCORIS reads its parameters on every call."""
@@ -68,22 +73,22 @@ class LycorisMode:
     def leave_training(self) -> None:
         """Nothing to undo."""
 
-    def call_masks(self) -> torch.Tensor | None:
-        """The mask of the running call, for a recompute during backward to set again."""
-        return group_mask(self.group_id)
+    def call_masks(self) -> dict[int, torch.Tensor | None]:
+        """The masks of the running call, for a recompute during backward to set again."""
+        return {group: group_mask(group) for group in self.groups}
 
     @contextmanager
-    def replaying(self, call_masks: torch.Tensor | None) -> Iterator[None]:
+    def replaying(self, call_masks: dict[int, torch.Tensor | None]) -> Iterator[None]:
         previous = self.call_masks()
-        set_group_mask(call_masks, self.group_id)
+        set_group_masks(call_masks)
         try:
             yield
         finally:
-            set_group_mask(previous, self.group_id)
+            set_group_masks(previous)
 
     def remove(self) -> None:
         """Give the modules back their original mask groups."""
-        self.clear_mask()
+        self.clear_masks()
         for module, group in zip(self.modules, self._original_groups):
             module.mask_group_id = group
 
@@ -103,3 +108,9 @@ def set_group_mask(mask: torch.Tensor | None, group_id: int) -> None:
         clear_timestep_mask(group_id)
     else:
         set_timestep_mask(mask, group_id)
+
+
+def set_group_masks(masks: dict[int, torch.Tensor | None]) -> None:
+    """Set (or clear, for None) several groups in LyCORIS's storage."""
+    for group, mask in masks.items():
+        set_group_mask(mask, group)

@@ -9,8 +9,8 @@ h·Bᵀ with B = s·[Pλ − P₀λ₀, P₀λ₀] (`factors.stacked_factors`, b
 sample b broadcasts over its tokens: rank on the last dim for Linear inputs (B, C) and (B, N, C), on dim 1 for 1×1
 convolutions (B, C, H, W).
 
-The masks are kept per LyCORIS mask group, as LyCORIS keys its own (1, max_rank) mask, so that several adapters,
-each with its own group and schedule, can share one denoiser.
+The masks are kept per LyCORIS mask group, as LyCORIS keys its own (1, max_rank) mask: each adapter of a denoiser has
+its own group, so each module is masked by its own adapter's schedule and strength.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class SampleMasks:
         return self._uniform
 
     def ranks(self) -> list[int]:
-        return [int(rank) for rank in self.masks.sum(dim=1).tolist()]
+        """Each row's rank: its nonzero entries (a strength scales the ones)."""
+        return [int(rank) for rank in (self.masks != 0).sum(dim=1).tolist()]
 
 
 _sample_masks: dict[int, SampleMasks] = {}

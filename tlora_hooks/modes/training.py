@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from .chain import BypassOverride, ChainLink
-from .lycoris import group_mask, set_group_mask
+from .lycoris import group_mask, set_group_masks
 from .per_sample import (
     PerSampleForward,
     SampleMasks,
@@ -27,6 +27,7 @@ from .per_sample import (
     get_sample_masks,
     set_sample_masks,
 )
+from .protocol import GroupMasks
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
@@ -72,14 +73,14 @@ class TrainingMode:
 
     Args:
         inner: The fast mode as built (a `CombinedMode` of fold / low_memory / LyCORIS's forward).
-        modules: Every T-LoRA module of the denoiser.
-        group_id: The denoiser's LyCORIS mask group.
+        modules: Every T-LoRA module of the denoiser's active adapters.
+        groups: The adapters' LyCORIS mask groups.
     """
 
-    def __init__(self, inner: Any, modules: list[TLoraModule], group_id: int) -> None:
+    def __init__(self, inner: Any, modules: list[TLoraModule], groups: list[int]) -> None:
         self.inner = inner
         self.modules = modules
-        self.group_id = group_id
+        self.groups = groups
         self.parameters = tlora_parameters(modules)
         self._routes: list[InstalledRoute] = []
         self._trained = False
@@ -107,48 +108,53 @@ class TrainingMode:
         return bool(self._routes)
 
     # -- per call ------------------------------------------------------------------------------------------------
-    def set_mask(self, mask: torch.Tensor) -> None:
+    def set_masks(self, masks: GroupMasks) -> None:
         """An inference call: the fast mode, with factors rebuilt where training changed the parameters."""
         if self._routes:
             self._leave_training()
         if self._trained:
             self._refresh_if_changed()
-        self.inner.set_mask(mask)
+        self.inner.set_masks(masks)
 
-    def set_sample_masks(self, masks: torch.Tensor) -> None:
-        """A training call: every module masks each sample by its own rank."""
+    def set_sample_masks(self, masks: GroupMasks) -> None:
+        """A training call: every module masks each sample by the rank its own adapter gives it."""
         if not self._routes:
             self._enter_training()
         self._trained = True
-        set_sample_masks(SampleMasks(masks), self.group_id)
+        for group, group_masks in masks.items():
+            set_sample_masks(SampleMasks(group_masks), group)
 
-    def clear_mask(self) -> None:
-        clear_sample_masks(self.group_id)
+    def clear_masks(self) -> None:
+        self._clear_sample_masks()
         if not self._routes:
-            self.inner.clear_mask()
+            self.inner.clear_masks()
 
     def remove(self) -> None:
         if self._routes:
             self._leave_training()
-        clear_sample_masks(self.group_id)
+        self._clear_sample_masks()
         self.inner.remove()
 
+    def _clear_sample_masks(self) -> None:
+        for group in self.groups:
+            clear_sample_masks(group)
+
     # -- gradient checkpointing ----------------------------------------------------------------------------------
-    def call_masks(self) -> tuple:
-        """What the running call set, for a recompute during backward to set again."""
-        return get_sample_masks(self.group_id), group_mask(self.group_id)
+    def call_masks(self) -> dict[int, tuple]:
+        """What the running call set in each group, for a recompute during backward to set again."""
+        return {group: (get_sample_masks(group), group_mask(group)) for group in self.groups}
 
     @contextmanager
-    def replaying(self, call_masks: tuple) -> Iterator[None]:
+    def replaying(self, call_masks: dict[int, tuple]) -> Iterator[None]:
         """Run with a forward's masks (and the training routing, if that forward trained) set again."""
         previous = self.call_masks()
-        if call_masks[0] is not None and not self._routes:
+        if any(sample is not None for sample, _ in call_masks.values()) and not self._routes:
             self._enter_training()
-        _install(call_masks, self.group_id)
+        _install(call_masks)
         try:
             yield
         finally:
-            _install(previous, self.group_id)
+            _install(previous)
 
     # -- routing -------------------------------------------------------------------------------------------------
     def _enter_training(self) -> None:
@@ -186,10 +192,10 @@ class TrainingMode:
             self._versions = versions
 
 
-def _install(call_masks: tuple, group_id: int) -> None:
-    sample, lycoris_mask = call_masks
-    if sample is None:
-        clear_sample_masks(group_id)
-    else:
-        set_sample_masks(sample, group_id)
-    set_group_mask(lycoris_mask, group_id)
+def _install(call_masks: dict[int, tuple]) -> None:
+    for group, (sample, _) in call_masks.items():
+        if sample is None:
+            clear_sample_masks(group)
+        else:
+            set_sample_masks(sample, group)
+    set_group_masks({group: lycoris_mask for group, (_, lycoris_mask) in call_masks.items()})

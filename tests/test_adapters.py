@@ -505,7 +505,7 @@ def two_created_adapters(mode: str):
     unet = case.denoiser
     networks = {}
     for seed, (name, config) in enumerate(CONFIGS.items()):
-        networks[name] = tt.perturbed(create_tlora(unet, config, adapter_name=name, mode=mode), seed=seed + 1)
+        networks[name] = tiny.perturbed(create_tlora(unet, config, adapter_name=name, mode=mode), seed=seed + 1)
     unet.requires_grad_(False)
     for network in networks.values():
         network.requires_grad_(True)

@@ -57,9 +57,9 @@ def training_ranks(monkeypatch):
     ranks = []
     set_sample_masks = TrainingMode.set_sample_masks
 
-    def recording(self, masks):
-        ranks.append(masks.sum(dim=1).tolist())
-        set_sample_masks(self, masks)
+    def recording(self, masks_by_group):
+        ranks.extend(masks.sum(dim=1).tolist() for masks in masks_by_group.values())
+        set_sample_masks(self, masks_by_group)
 
     monkeypatch.setattr(TrainingMode, "set_sample_masks", recording)
     return ranks

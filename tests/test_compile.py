@@ -66,3 +66,42 @@ def test_changing_rank_does_not_recompile(mode):
     for out, ref in zip(outputs, reference):  # the compiled graph reads the folded weights and the live mask
         assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= 1.5e-2
 
+
+
+@pytest.mark.parametrize("mode", ["auto", "low_memory", "lycoris"])
+def test_compiled_blocks_keep_the_block_guard_and_do_not_recompile(mode):
+    """`compile_repeated_blocks`-style compilation of each block traces the block guard's pre-hook into the block:
+    the changing rank recompiles nothing, the outputs are the eager ones, and a block run outside a call still
+    raises (the guard was not compiled away)."""
+    from tlora_hooks import TLoRAError
+
+    pipe, inputs, timesteps = flux_calls()
+    transformer = pipe.transformer
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    with torch.no_grad(), enable_tlora(pipe, max_rank=8, mode=mode):
+        reference = [transformer(timestep=t, **inputs)[0] for t in timesteps]
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    handle = enable_tlora(pipe, max_rank=8, mode=mode)
+    for block in blocks:
+        block.compile(backend=counting_backend)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+            outputs = []
+            for t in timesteps:
+                outputs.append(transformer(timestep=t, **inputs)[0])
+                if t is timesteps[0]:
+                    first_call_graphs = len(graphs)
+            with pytest.raises(TLoRAError, match="ran outside a call"):
+                blocks[0](inputs["hidden_states"], inputs["encoder_hidden_states"], torch.zeros(1, 32))
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
+    assert len(graphs) == first_call_graphs, "no block recompiled after the first call"
+    for out, ref in zip(outputs, reference):
+        assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= 1.5e-2

@@ -8,7 +8,7 @@ input, so the kernels are negligible and the time is the host's: Python frames, 
 synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_masks` + `clear_masks`), the
 fold's check for writes from outside alone (part of its `set_masks`), and the whole hook of an inference call
 (pre-hook + post-hook: reading the timestep, choosing the mask, setting and clearing it), which is where a call is
-told from a training call.
+told from a training call, and the guarded blocks' calls (each block's `BlockGuard` check against `plain`).
 Variants as in bench_forward.py; interleaved repetitions, medians. Prints a table and a `RESULT {json}` line.
 `--adapters 2` puts a second T-LoRA (half the rank, its own schedule) on the same layers, both as adapters of one
 hook, as `load_tlora(..., adapter_name=...)` twice does: what a second adapter costs per layer and per call.
@@ -28,6 +28,7 @@ from importlib.metadata import version
 import torch
 
 from bench_forward import add_tlora, build_sdxl, synchronize, variant
+from tlora_hooks.block_guard import entry_blocks
 
 VARIANTS = ("plain", "lycoris", "lycoris_bypass", "low_memory", "fold")
 ADAPTER_VARIANTS = ("plain", "lycoris", "low_memory", "fold")  # with several adapters
@@ -76,6 +77,30 @@ def time_write_check(model, loops):
         for stack in stacks:
             stack.take_outside_writes()
     return (time.perf_counter() - start) / loops
+
+
+def time_block_calls(model, blocks, loops):
+    """Seconds per pass over the denoiser's guarded blocks with their `forward` replaced by a no-op: module call
+    dispatch plus whatever pre-hooks the blocks carry. With a hook installed, each block carries `BlockGuard`'s
+    check, run as inside a claimed call (the hot path: a running call); against `plain` this is the guard's cost."""
+    from tlora_hooks.hooks import installed_hook
+
+    hook = installed_hook(model)
+    for block in blocks:
+        block.forward = lambda *args, **kwargs: None
+    if hook is not None:
+        hook.guard.claim()
+    try:
+        start = time.perf_counter()
+        for _ in range(loops):
+            for block in blocks:
+                block()
+        return (time.perf_counter() - start) / loops
+    finally:
+        if hook is not None:
+            hook.guard.release()
+        for block in blocks:
+            del block.forward
 
 
 def time_hook(model, call, t, device, loops):
@@ -140,6 +165,7 @@ def main() -> None:
     networks = [network] + [add_tlora(model, targets, args.rank // 2, device) for _ in range(args.adapters - 1)]
     variants = VARIANTS if args.adapters == 1 else ADAPTER_VARIANTS
     layers = [module.org_module[0] for module in network.loras]
+    blocks = entry_blocks(model, layers)
     inputs = [torch.randn(1, 1, layer.in_features, device=device, dtype=dtype) for layer in layers]
     mask = torch.ones(1, args.rank, device=device, dtype=dtype)
     mask[:, args.rank // 2:] = 0
@@ -147,6 +173,7 @@ def main() -> None:
     updates = {name: [] for name in variants}
     checks = []
     hooks = {name: [] for name in variants}
+    block_calls = {name: [] for name in variants}
     for repetition in range(args.reps + 1):  # the first round is untimed
         order = variants[repetition % len(variants):] + variants[: repetition % len(variants)]
         for name in order:
@@ -157,6 +184,7 @@ def main() -> None:
             with state as handle, torch.inference_mode():
                 call(scheduler.timesteps[0].to(device))  # builds each path's state, as a first denoiser call does
                 seconds = time_layers(layers, inputs, device, args.loops)
+                block_seconds = time_block_calls(model, blocks, 10 * args.loops)
                 update, hook, check = None, None, None
                 if handle is not None:
                     update = time_mask_update(model, mask, device, args.loops)
@@ -164,6 +192,7 @@ def main() -> None:
                     check = time_write_check(model, 100 * args.loops)
             if repetition:
                 samples[name].append(seconds)
+                block_calls[name].append(block_seconds)
                 if update is not None:
                     updates[name].append(update)
                     hooks[name].append(hook)
@@ -186,6 +215,8 @@ def main() -> None:
         us_mask_update_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in updates.items() if v},
         us_fold_write_check_per_call=round(statistics.median(checks) * 1e6, 1) if checks else None,
         us_hook_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in hooks.items() if v},
+        guarded_blocks=len(blocks),
+        us_block_calls_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in block_calls.items()},
     )
     print(f"{'variant':16}{'us/layer call':>15}{'over plain':>12}{'ms per call, all layers':>26}")
     for name in variants:

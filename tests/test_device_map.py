@@ -9,13 +9,15 @@ On the CPU the split is CPU / disk / meta (offloaded weights); the multi-device 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pytest
 import torch
 from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
-from compat_tools import StepToyDenoiser, toy_with_tlora
+from compat_tools import StepToyDenoiser, ToyBlock, toy_with_tlora
 from tlora_hooks import TLoRAError, disable_tlora, enable_tlora
 from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import installed_hook
@@ -268,6 +270,77 @@ def test_split_denoiser_keeps_each_layers_state_on_its_device(place, devices, st
     assert conversions == [], "no factor is converted per call"
     assert stack_devices(toy) == {torch.device(device) for device in stacks_on}
     assert handle.mode["StepToyDenoiser"] == (auto_mode if mode == "auto" else "low_memory")
+
+
+class ToyOfBlocks(StepToyDenoiser):
+    """The toy with `count` blocks: the same layers, more of them."""
+
+    def __init__(self, count: int, width: int = 16):
+        super().__init__(width)
+        self.blocks = torch.nn.ModuleList(ToyBlock(width) for _ in range(count))
+
+
+class CallWork(TorchDispatchMode):
+    """The aten ops T-LoRA's hooks on a denoiser run per call (between its pre-hooks and after its forward), copies
+    keyed by their source and target device type."""
+
+    def __init__(self, denoiser: torch.nn.Module) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+        def enter(*_):
+            self.__enter__()
+
+        def leave(*_):
+            self.__exit__(None, None, None)
+
+        denoiser.register_forward_pre_hook(enter, prepend=True)
+        denoiser.register_forward_pre_hook(leave)
+        denoiser.register_forward_hook(enter, prepend=True)
+        denoiser.register_forward_hook(leave, always_call=True)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default:
+            self.ops[("copy", args[0].device.type, out.device.type)] += 1
+        elif func is torch.ops.aten.copy_.default:
+            self.ops[("copy", args[1].device.type, args[0].device.type)] += 1
+        else:
+            self.ops[str(func)] += 1
+        return out
+
+    def cross_device_copies(self) -> Counter:
+        return Counter({key: count for key, count in self.ops.items() if key[0] == "copy" and key[1] != key[2]})
+
+
+def steady_call_work(blocks_per_device: int, mode: str) -> CallWork:
+    """The work of one call after the first (which builds the stacks), the toy's blocks half on the CPU and half on
+    meta (the stand-in for a second device), each run there by a weight-keeping AlignDevicesHook."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    torch.manual_seed(0)
+    toy = ToyOfBlocks(2 * blocks_per_device)
+    tiny.add_tlora(toy, 8, targets=("ToyBlock",))
+    for index, block in enumerate(toy.blocks):
+        device = "cpu" if index < blocks_per_device else "meta"
+        add_hook_to_module(block, AlignDevicesHook(execution_device=device, place_submodules=True))
+    enable_tlora(toy, *SCHEDULE, mode=mode, scheduler=scheduler())
+    work = CallWork(toy)
+    with torch.no_grad():
+        for t in TIMESTEPS[:2]:
+            work.ops.clear()
+            toy(sample(), timestep=torch.tensor(t))
+    return work
+
+
+@pytest.mark.parametrize("mode", ["fold", "low_memory"])
+def test_a_call_copies_one_mask_per_device_and_nothing_per_layer(mode, conversions):
+    """Four times the layers on each of two devices: the same ops per call, and one copy to the second device (the
+    mask; the fold mode leaves the meta layers, which it cannot fold, to low_memory)."""
+    few, many = steady_call_work(1, mode), steady_call_work(4, mode)
+    assert many.ops == few.ops
+    assert many.cross_device_copies() == Counter({("copy", "cpu", "meta"): 1})
+    assert conversions == [], "no factor is converted per call"
 
 
 def stack_devices(denoiser) -> set[torch.device]:

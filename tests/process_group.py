@@ -38,14 +38,14 @@ def init_gloo(rank: int, world_size: int) -> None:
 
 
 def cpu_only_device_count() -> None:
-    """Let diffusers' parallelism run on CPU-only torch.
+    """Let diffusers' parallelism run its ranks on the CPU, also where torch sees a GPU.
 
-    `ModelMixin._resolve_parallel_config` places each rank on `rank % torch.accelerator.device_count()`, which is
-    a ZeroDivisionError where torch sees no accelerator. With one "device" every rank runs on the CPU, as the
-    accelerator type (`torch._C._get_accelerator()`) already says.
+    `ModelMixin._resolve_parallel_config` places each rank on `rank % torch.accelerator.device_count()` of the
+    accelerator type `torch._C._get_accelerator()`: a ZeroDivisionError on CPU-only torch, and CUDA (with its mesh)
+    on a GPU machine. With one "device" of type cpu every rank runs on the CPU, as on CPU-only torch.
     """
-    if torch.accelerator.device_count() == 0:
-        torch.accelerator.device_count = lambda: 1
+    torch.accelerator.device_count = lambda: 1
+    torch._C._get_accelerator = lambda *args, **kwargs: torch.device("cpu")
 
 
 def _rank_main(rank: int, world_size: int, port: int, body: Callable, args: tuple, results: Any) -> None:

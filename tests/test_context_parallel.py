@@ -6,9 +6,12 @@ the T-LoRA pre-hook on the root has read the full timestep; Wan's plan also spli
 along its tokens. The per-token case below gives the two halves different timesteps, so a reading or reduction
 moved below the root would give the two ranks different ranks.
 
-The processes patch `torch.accelerator.device_count` (`process_group.cpu_only_device_count`): on CPU-only torch
-diffusers places rank r on `r % device_count()`, a ZeroDivisionError. Ring attention is not covered: diffusers'
-native backend has no `return_lse` for it.
+The processes make diffusers see one CPU device (`process_group.cpu_only_device_count`): it places rank r on
+`r % device_count()` of the accelerator type, a ZeroDivisionError on CPU-only torch (and CUDA where a GPU is
+seen). Ring attention is not covered: diffusers' native backend has no `return_lse` for it.
+
+On GPUs: the NCCL job (one GPU per rank) needs two GPUs; with one, the CPU job is checked against a single process
+on the GPU.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def run_pipeline(case: str, parallel: bool, device: str = "cpu") -> dict:
     """
     (pipe, kw), latents = PIPELINES[case]()
     to_device(pipe, device)
+    block_tokens = first_block_tokens(pipe.transformer)
     with pytest.MonkeyPatch.context() as patch:
         probe = RankProbe(patch).watch("transformer", pipe.transformer)  # "auto" means "lycoris" while probing
         if parallel and case == "flux":
@@ -61,7 +65,17 @@ def run_pipeline(case: str, parallel: bool, device: str = "cpu") -> dict:
         probe.close()
     handle = enable_tlora(pipe, *SCHEDULE)  # the default mode, replacing the hooks
     default = pipe(**kw, latents=latents.to(device), return_dict=False)[0].cpu()
-    return {"ranks": ranks, "masked": masked, "default": default, "mode": handle.mode["transformer"]}
+    return {"ranks": ranks, "masked": masked, "default": default, "mode": handle.mode["transformer"],
+            "block_tokens": sorted(set(block_tokens))}
+
+
+def first_block_tokens(transformer: torch.nn.Module) -> list[int]:
+    """The number of tokens the first block's `norm1` receives, call by call: each rank's share once split. Inside
+    the block, since Wan's plan splits the tokens in the first block's own (rewritten) forward."""
+    blocks = getattr(transformer, "transformer_blocks", None) or transformer.blocks
+    seen = []
+    blocks[0].norm1.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    return seen
 
 
 def run_per_token_call(parallel: bool, device: str = "cpu") -> dict:
@@ -117,8 +131,10 @@ def parallel_results() -> list[dict]:
 def test_every_rank_masks_like_one_process(case, parallel_results):
     single = run_pipeline(case, parallel=False)
     assert len(set(single["ranks"])) > 1, "the schedule should change the rank across calls"
+    (tokens,) = single["block_tokens"]
     for rank, results in enumerate(parallel_results):
         parallel = results[case]
+        assert parallel["block_tokens"] == [tokens // 2], f"rank {rank}'s blocks should run half of the tokens"
         assert parallel["ranks"] == single["ranks"], f"rank {rank} used other T-LoRA ranks than one process"
         torch.testing.assert_close(parallel["masked"], single["masked"], atol=TOLERANCE, rtol=TOLERANCE)
         torch.testing.assert_close(parallel["default"], single["default"], atol=TOLERANCE, rtol=TOLERANCE)
@@ -138,7 +154,24 @@ def test_per_token_timesteps_are_reduced_before_the_split(parallel_results):
         assert results["per_token"]["ranks"] == [expected], f"rank {rank} reduced its own half of the tokens"
 
 
-# -- the same job on GPUs (NCCL, one GPU per rank) -----------------------------------------------------------------
+# -- GPUs ------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_ranks_mask_like_one_process_on_the_gpu():
+    """What one GPU can check (the NCCL job needs two): the two CPU ranks, started fresh (spawned: a forked child
+    cannot touch CUDA once the parent has), against a single process on the GPU."""
+    parallel_results = run_ranks(context_parallel_rank, 2, start="spawn")
+    for case in PIPELINES:
+        single = run_pipeline(case, parallel=False, device="cuda:0")
+        assert single["mode"] == "fold"
+        for results in parallel_results:
+            assert results[case]["ranks"] == single["ranks"]
+            torch.testing.assert_close(results[case]["masked"], single["masked"], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(results[case]["default"], single["default"], atol=1e-4, rtol=1e-4)
+    single = run_per_token_call(parallel=False, device="cuda:0")
+    assert [results["per_token"]["ranks"] for results in parallel_results] == [single["ranks"]] * 2
+
+
 def context_parallel_gpu_rank(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 

@@ -2,8 +2,9 @@
 original never run), ParaAttention rebinds its `forward` (hooks still run, on the full inputs).
 
 xFuser does not import without a GPU ("No Accelerators available"), so xDiT is covered by a stand-in that replaces
-`pipe.transformer` exactly as `xFuserPipelineBaseWrapper` does. ParaAttention runs on the CPU: a stand-in covers it
-everywhere, and the real `parallelize_pipe` runs on two gloo processes where `para_attn` is installed.
+`pipe.transformer` and wraps each block's `attn` as `xFuserFluxTransformer2DWrapper` does (its PipeFusion stages
+and scheduler wrapper are left out). ParaAttention runs on the CPU: a stand-in covers it everywhere, and the real
+`parallelize_pipe` runs on two gloo processes where `para_attn` is installed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tiny
 from conftest import RankProbe
 from process_group import init_gloo, run_ranks
 from tlora_hooks import TLoRAError, enable_tlora
+from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import installed_hook
 
 SCHEDULE = (8, 1, 1.0)
@@ -48,9 +50,34 @@ class XDiTStyleWrapper(nn.Module):
         )
 
 
+class XDiTStyleAttentionWrapper(XDiTStyleWrapper):
+    """What xFuser's attention wrapper puts in each block's `attn`: the attention as `module`, its processor called
+    with the wrapper as `attn`, so the attention's own `__call__` never runs while its projections (the T-LoRA
+    layers) do, reached through the wrapper."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
+        return self.module.processor(self, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                     **kwargs)
+
+
 def xdit_parallel(pipe) -> None:
-    """`xFuserPipelineBaseWrapper.__init__`: `pipeline.transformer = wrapper(transformer)`."""
-    pipe.transformer = XDiTStyleWrapper(pipe.transformer)
+    """`xFuserPipelineBaseWrapper.__init__`: `pipeline.transformer = wrapper(transformer)`, where the Flux wrapper
+    has wrapped every submodule named `attn` first (`submodule_name_to_wrap=["attn"]`)."""
+    transformer = pipe.transformer
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        block.attn = XDiTStyleAttentionWrapper(block.attn)
+    pipe.transformer = XDiTStyleWrapper(transformer)
+
+
+def attention_wrappers(wrapper: nn.Module) -> list[XDiTStyleAttentionWrapper]:
+    return [module for module in wrapper.modules() if isinstance(module, XDiTStyleAttentionWrapper)]
+
+
+def xdit_unwrap(pipe) -> None:
+    transformer = pipe.transformer.module
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        block.attn = block.attn.module
+    pipe.transformer = transformer
 
 
 def paraattention_parallelize(transformer: nn.Module) -> None:
@@ -97,9 +124,10 @@ def test_xdit_wrapping_after_enable_raises_on_the_next_call(mode, plain):
     enable_tlora(pipe, *SCHEDULE, mode=mode)
     masked = run(pipe, kw)
     xdit_parallel(pipe)
-    with pytest.raises(TLoRAError, match="ran outside a call of FluxTransformer2DModel"):
+    advice = r"ran outside a call of FluxTransformer2DModel.* enable_tlora\(pipe, \.\.\.\) again after wrapping"
+    with pytest.raises(TLoRAError, match=advice):
         run(pipe, kw)
-    pipe.transformer = pipe.transformer.module
+    xdit_unwrap(pipe)
     torch.testing.assert_close(run(pipe, kw), masked, atol=0, rtol=0)
     if mode == "auto":
         torch.testing.assert_close(masked, expected, atol=0, rtol=0)
@@ -110,12 +138,18 @@ def test_enable_after_xdit_wrapping_hooks_the_wrapper(plain, caplog):
     ranks, masked, expected = plain
     pipe, kw = tiny.flux(dtype=torch.float32)
     xdit_parallel(pipe)
+    attention = attention_wrappers(pipe.transformer)
+    assert all(applied_tlora_modules(wrapper.module) for wrapper in attention), "T-LoRA layers inside each attn"
+    attention_calls = []
+    for wrapper in attention:
+        wrapper.register_forward_pre_hook(lambda module, args: attention_calls.append(module))
     with pytest.MonkeyPatch.context() as patch:
         probe = RankProbe(patch).watch("transformer", pipe.transformer)
         enable_tlora(pipe, *SCHEDULE, mode="lycoris")
         torch.testing.assert_close(run(pipe, kw), masked, atol=0, rtol=0)
         assert probe.ranks() == ranks
         probe.close()
+    assert len(attention_calls) == len(attention) * len(ranks), "every call ran through the attention wrappers"
     assert "XDiTStyleWrapper wrapping a FluxTransformer2DModel" in caplog.text
     handle = enable_tlora(pipe, *SCHEDULE)
     assert installed_hook(pipe.transformer) is not None and handle.mode == {"transformer": "fold"}
@@ -136,6 +170,23 @@ def test_loaded_before_wrapping_then_enabled_again_after(plain, tmp_path):
     enable_tlora(pipe, max_rank=None, min_rank=1, alpha=1.0)
     assert installed_hook(inner) is None and installed_hook(pipe.transformer) is not None
     torch.testing.assert_close(run(pipe, kw), loaded, atol=0, rtol=0)
+
+
+def test_load_after_xdit_wrapping_says_to_load_before(tmp_path):
+    """The file names the stock layers, whose paths the wrapper changes: load_tlora after wrapping raises saying
+    to load before wrapping and enable after, and leaves the pipeline as it was."""
+    from tlora_files import simpletuner_file
+    from tlora_hooks import load_tlora
+
+    path = simpletuner_file(tiny.add_tlora(tiny.flux_transformer(), 8), tmp_path / "flux.safetensors")
+    pipe, kw = tiny.flux(dtype=torch.float32, rank=None)
+    xdit_parallel(pipe)
+    before = run(pipe, kw)
+    with pytest.raises(TLoRAError, match=r"wrapping the FluxTransformer2DModel this file was made for .*Call "
+                       r"load_tlora\(pipe, path\) before wrapping the pipeline, then enable_tlora"):
+        load_tlora(pipe, path, min_rank=1, alpha=1.0)
+    assert applied_tlora_modules(pipe.transformer) == [] and installed_hook(pipe.transformer) is None
+    torch.testing.assert_close(run(pipe, kw), before, atol=0, rtol=0)
 
 
 def test_enable_on_the_wrapped_transformer_itself_raises_at_the_call():
@@ -185,21 +236,33 @@ def test_paraattention_style_rebinding_keeps_the_hooks(order, plain):
 ORDERS = ("enable_then_parallelize", "parallelize_then_enable")
 
 
+def without_enable_gqa(ulysses_attn_func):
+    """para-attn 0.3.38 intercepts scaled_dot_product_attention but rejects the `enable_gqa` keyword that diffusers
+    0.42 passes to it (always False for Flux): drop it, refusing True (the recipe in docs/scale-out.md)."""
+
+    def ulysses(*args, enable_gqa=False, **kwargs):
+        if enable_gqa:
+            raise NotImplementedError("para-attn's Ulysses attention has no grouped-query attention")
+        return ulysses_attn_func(*args, **kwargs)
+
+    return ulysses
+
+
 def paraattention_rank(rank: int, world_size: int) -> dict:
-    import para_attn.para_attn_interface as interface
+    import para_attn.para_attn_interface as para_attn_interface
     from para_attn.context_parallel.diffusers_adapters import parallelize_pipe
 
-    # para_attn 0.3.38 intercepts scaled_dot_product_attention but rejects the `enable_gqa` keyword that diffusers'
-    # native backend passes (always False here): drop it.
-    ulysses = interface.ulysses_attn_func
-    interface.ulysses_attn_func = lambda *args, enable_gqa=False, **kwargs: ulysses(*args, **kwargs)
+    para_attn_interface.ulysses_attn_func = without_enable_gqa(para_attn_interface.ulysses_attn_func)
     init_gloo(rank, world_size)
     results = {}
     for order in ORDERS:  # one job for both: a job costs seconds of imports
         pipe, kw = tiny.flux(dtype=torch.float32)
-        seen = []
+        root, block = [], []
         pipe.transformer.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append(tuple(kwargs["hidden_states"].shape)), with_kwargs=True
+            lambda module, args, kwargs: root.append(tuple(kwargs["hidden_states"].shape)), with_kwargs=True
+        )
+        pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+            lambda module, args, kwargs: block.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
         )
         with pytest.MonkeyPatch.context() as patch:
             probe = RankProbe(patch).watch("transformer", pipe.transformer)
@@ -209,15 +272,18 @@ def paraattention_rank(rank: int, world_size: int) -> dict:
             if order == "enable_then_parallelize":
                 parallelize_pipe(pipe)
             masked = run(pipe, kw)
-            results[order] = {"ranks": probe.ranks(), "masked": masked, "hidden_shapes": sorted(set(seen))}
+            results[order] = {"ranks": probe.ranks(), "masked": masked, "hidden_shapes": sorted(set(root)),
+                              "block_tokens": sorted(set(block))}
     return results
 
 
 def test_paraattention_two_processes(plain):
     pytest.importorskip("para_attn")
     ranks, masked, _ = plain
+    tokens = flux_latents().shape[1]
     for results in run_ranks(paraattention_rank, 2):
         for order in ORDERS:
-            assert results[order]["hidden_shapes"] == [(1, 4, 4)], "the hooks see the full, unsplit inputs"
+            assert results[order]["hidden_shapes"] == [(1, tokens, 4)], "the hooks see the full, unsplit inputs"
+            assert results[order]["block_tokens"] == [tokens // 2], "each rank's blocks run half of the tokens"
             assert results[order]["ranks"] == ranks
             torch.testing.assert_close(results[order]["masked"], masked, atol=1e-5, rtol=1e-5)

@@ -58,6 +58,7 @@ class BlockGuard:
             f"A {type(block).__name__} block of {self.name} ({self.denoiser_class}) ran outside a call of "
             f"{self.denoiser_class}, so T-LoRA set no mask for it. A wrapper that runs the blocks from its own "
             "forward (xDiT's xDiTParallel replaces pipe.transformer with one) bypasses the denoiser's hooks. Call "
-            "enable_tlora(pipe, ...) or load_tlora again after wrapping: the hooks then go on the module the "
-            "pipeline calls. Blocks run by hand, outside any call of the denoiser, need disable_tlora first."
+            "enable_tlora(pipe, ...) again after wrapping (with the values load_tlora used, if it loaded the file): "
+            "the hooks then go on the module the pipeline calls. Blocks run by hand, outside any call of the "
+            "denoiser, need disable_tlora first."
         )

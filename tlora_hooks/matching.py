@@ -66,6 +66,8 @@ def match_file(target: Any, tlora_file: TLoraFile, component: str | None, strict
         scored.append((len(matched), name, denoiser, matched, layers))
     best = max(score for score, *_ in scored)
     if best == 0:
+        for _, name, denoiser, _, _ in scored:
+            _refuse_wrapper(name, denoiser, names)
         layers = [key for key, layer in scored[0][4].items() if isinstance(layer, SUPPORTED_LAYERS)]
         raise TLoRAError(
             f"None of the {len(names)} T-LoRA modules in {tlora_file.path} matches a layer of "
@@ -91,6 +93,26 @@ def match_file(target: Any, tlora_file: TLoraFile, component: str | None, strict
     for key, layer in matched.items():
         _check_layer(tlora_file, key, layer)
     return Match(component=name, denoiser=denoiser, layers=matched, unmatched=unmatched)
+
+
+def _refuse_wrapper(name: str, denoiser: nn.Module, keys: list[str]) -> None:
+    """Raise where `denoiser` is an engine's wrapper around the model the file names (xDiT's `xDiTParallel` puts one
+    in `pipe.transformer`, holding the stock transformer as `module` and its blocks' attention wrapped the same way):
+    the file's keys name the stock layers, whose paths the wrapper changes."""
+    wanted = set(keys)
+    for path, child in unwrap(denoiser).named_children():
+        if any(lycoris_name(stock_path(inner)) in wanted for inner, _ in child.named_modules() if inner):
+            raise TLoRAError(
+                f"{name} is a {type(denoiser).__name__} wrapping the {type(child).__name__} this file was made for "
+                f"(as `{path}`): an engine (xDiT's xDiTParallel) replaced the pipeline's denoiser, and the file names "
+                "the stock layers. Call load_tlora(pipe, path) before wrapping the pipeline, then enable_tlora(pipe, "
+                "...) again after wrapping it, with the values load_tlora used (max_rank=None keeps the file's rank)."
+            )
+
+
+def stock_path(path: str) -> str:
+    """A layer's path inside a wrapped model with the wrappers' `module` steps left out."""
+    return ".".join(part for part in path.split(".") if part != "module")
 
 
 def _check_layer(tlora_file: TLoraFile, key: str, named: nn.Module) -> None:

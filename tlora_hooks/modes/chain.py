@@ -32,6 +32,14 @@ logger = get_logger(__name__)
 _unlinked: weakref.WeakSet = weakref.WeakSet()
 
 
+ACCELERATE_SLOT = "_old_forward"  # where accelerate's add_hook_to_module keeps the forward its hook wraps
+
+
+def accelerate_hooked(layer: nn.Module) -> bool:
+    """Whether an accelerate hook is on the layer, so that its `forward` calls `_old_forward`."""
+    return "_hf_hook" in layer.__dict__
+
+
 class ChainLink:
     """The slot (`layer.forward` or an outer wrapper's `org_forward`) that calls the module, pointed past it.
 
@@ -43,10 +51,18 @@ class ChainLink:
     def __init__(self, module: TLoraModule, holder: Any, attribute: str) -> None:
         self.module = module
         self.holder = holder
-        self.attribute = attribute
+        self._attribute = attribute
         self.bypassing = module.org_forward
         setattr(holder, attribute, self.bypassing)
         _unlinked.add(module)
+
+    @property
+    def attribute(self) -> str:
+        """The slot's attribute now: accelerate's `_old_forward` only while its hook is on the layer. Removing the
+        hook moves what `_old_forward` held (the forward past the module) to `forward` and deletes `_old_forward`."""
+        if self._attribute == ACCELERATE_SLOT and not accelerate_hooked(self.holder):
+            return "forward"
+        return self._attribute
 
     @staticmethod
     def slot(module: TLoraModule) -> tuple[Any, str] | None:
@@ -65,12 +81,13 @@ class ChainLink:
         return cls(module, *slot) if slot is not None else None
 
     def relink(self) -> None:
-        if self.holder.__dict__.get(self.attribute) != self.bypassing:
+        attribute = self.attribute
+        if self.holder.__dict__.get(attribute) != self.bypassing:
             logger.warning(
                 "The forward of %s was replaced while T-LoRA was enabled; putting LyCORIS back in front of it anyway.",
                 self.module.lora_name,
             )
-        setattr(self.holder, self.attribute, self.module.forward)
+        setattr(self.holder, attribute, self.module.forward)
         _unlinked.discard(self.module)
 
 
@@ -150,7 +167,9 @@ def module_forwards(module: TLoraModule) -> tuple[Callable, ...]:
 
 def forward_slots(layer: nn.Module, besides: TLoraModule | None = None) -> list[tuple[Any, str]]:
     """Every (holder, attribute) of a layer's forward chain that may hold a wrapper's forward."""
-    slots = [(layer, "forward"), (layer, "_old_forward")]  # accelerate's add_hook_to_module
+    slots = [(layer, "forward")]
+    if accelerate_hooked(layer):  # a `_old_forward` left without its hook is called by nothing
+        slots.append((layer, ACCELERATE_SLOT))
     wrappers = layer.__dict__.get("_lycoris_wrappers", ())
     slots += [
         (wrapper, "org_forward") for wrapper in wrappers if wrapper is not besides and wrapper not in _unlinked
@@ -232,7 +251,7 @@ class HookNesting:
         return (
             layer.__dict__.get("forward") == module.forward
             and "_old_forward" in layer.__dict__
-            and "_hf_hook" in layer.__dict__
+            and accelerate_hooked(layer)
             and getattr(getattr(outer, "func", None), "__module__", None) == "accelerate.hooks"
             and getattr(outer, "args", (None,))[0] is layer
         )

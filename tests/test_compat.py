@@ -92,7 +92,7 @@ def test_group_offloading(offload_type, uncomposed, rank_probe):
 
 @pytest.mark.parametrize("offload", ["model_cpu_offload", "group_offloading"])
 def test_default_mode_under_offloading(offload, uncomposed):
-    """The default mode sees the offloading hooks, runs its low-memory path, and gives the LyCORIS-masked output."""
+    """The default mode sees the offloading hooks, runs its "low_memory" mode, and gives the LyCORIS-masked output."""
     from diffusers.hooks import apply_group_offloading
 
     expected_out, _ = uncomposed

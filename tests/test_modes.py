@@ -1,4 +1,4 @@
-"""Every fast path against LyCORIS's own masked forward (`mode="lycoris"`), call by call, and exact restore."""
+"""Every fast mode against LyCORIS's own masked forward (`mode="lycoris"`), call by call, and exact restore."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def build(family: str, dtype: torch.dtype):
     return pipe, kw, pipe.transformer
 
 
-# Relative to the output's largest value. bf16: the fast paths round W0 + ΔW (or the delta) once, LyCORIS rounds ΔW
+# Relative to the output's largest value. bf16: the fast modes round W0 + ΔW (or the delta) once, LyCORIS rounds ΔW
 # and W0 + ΔW separately; seen: 1.1e-2 (SDXL), 5.5e-3 (Flux), while unmasking moves the outputs by 5.6 % and 3.5 %.
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}
 
@@ -108,7 +108,7 @@ def test_every_mode_matches_lycoris_call_by_call(family, dtype):
 
 
 def test_modules_of_smaller_rank_read_the_first_ranks_of_the_mask():
-    """LyCORIS truncates the (1, max_rank) mask to each module's own rank; the fast paths must too."""
+    """LyCORIS truncates the (1, max_rank) mask to each module's own rank; the fast modes must too."""
     pipe, kw = tiny.sdxl(rank=None)
     tiny.add_tlora(pipe.unet, 8, targets=("Attention",), seed=1)
     tiny.add_tlora(pipe.unet, 4, targets=("FeedForward",), seed=2)

@@ -23,6 +23,11 @@ def run(pipe, kw, latents, **extra):
     return pipe(**kw, **extra, latents=latents.clone(), return_dict=False)[0]
 
 
+def layer_state(denoiser):
+    """Everything a load could leave behind on the layers: their attribute names and forward."""
+    return {name: (sorted(layer.__dict__), layer.__dict__.get("forward")) for name, layer in denoiser.named_modules()}
+
+
 def hook_counts(module: torch.nn.Module) -> tuple[int, int]:
     """How many forward pre-hooks and forward hooks torch holds on `module` (torch has no public count)."""
     return len(module._forward_pre_hooks), len(module._forward_hooks)

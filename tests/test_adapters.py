@@ -13,7 +13,6 @@ import pytest
 import torch
 from lycoris import create_lycoris_from_weights
 from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
-from test_compat import tiny_peft_lora
 
 import tiny
 import tlora_files
@@ -80,7 +79,7 @@ def latents() -> torch.Tensor:
 def pipeline(with_peft: bool = False):
     pipe, kw = tiny.sd3(rank=None, steps=3)
     if with_peft:
-        pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="peft")
+        pipe.load_lora_weights(tiny.peft_lora(pipe.transformer), adapter_name="peft")
     return pipe, kw
 
 
@@ -387,7 +386,7 @@ def test_a_peft_lora_beside_two_adapters(files, order, mode):
     peft_only = None if order == "tlora_first" else run_calls(pipe, kw)
     load_both(pipe, files, "overlapping", mode=mode)
     if order == "tlora_first":
-        pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="peft")
+        pipe.load_lora_weights(tiny.peft_lora(pipe.transformer), adapter_name="peft")
     assert_calls_close(run_calls(pipe, kw), reference, f"{order}, {mode}:")
     assert largest_error(reference, lycoris_reference(files, {"subject": 1.0, "style": 1.0})) > 50 * TOLERANCE
     delete_tlora_adapters(pipe, ["subject", "style"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_compat import tiny_peft_lora
 
 import tiny
 from compat_tools import run, scheduler_state_masks
@@ -52,7 +51,7 @@ def enabled_and_run_once(mode: str):
 
 # -- set_adapters ---------------------------------------------------------------------------------------------------
 def peft_at_half(pipe) -> None:
-    pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
+    pipe.load_lora_weights(tiny.peft_lora(pipe.transformer), adapter_name="style")
     pipe.set_adapters(["style"], [0.5])
 
 

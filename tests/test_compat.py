@@ -92,7 +92,7 @@ def test_group_offloading(offload_type, uncomposed, rank_probe):
 
 @pytest.mark.parametrize("offload", ["model_cpu_offload", "group_offloading"])
 def test_default_mode_under_offloading(offload, uncomposed):
-    """The default mode sees the offloading hooks, runs its low-memory path, and gives the LyCORIS-masked output."""
+    """The default mode sees the offloading hooks, runs its "low_memory" mode, and gives the LyCORIS-masked output."""
     from diffusers.hooks import apply_group_offloading
 
     expected_out, _ = uncomposed
@@ -181,18 +181,6 @@ def test_first_block_cache(rank_probe):
 
 
 # -- PEFT LoRA beside the T-LoRA ----------------------------------------------------------------------------------
-def tiny_peft_lora(transformer, rank: int = 4) -> dict[str, torch.Tensor]:
-    """A diffusers-format PEFT LoRA state dict for three of the tiny SD3 transformer's Linear layers."""
-    generator = torch.Generator().manual_seed(5)
-    state = {}
-    names = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.1.ff.net.0.proj")
-    for name in names:
-        layer = transformer.get_submodule(name)
-        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=generator) * 0.3
-        state[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=generator) * 0.3
-    return state
-
-
 @pytest.mark.parametrize("order", ["peft_first", "tlora_first"])
 def test_peft_lora_loaded_beside(order, rank_probe):
     schedule = (8, 1, 1.0)
@@ -201,11 +189,11 @@ def test_peft_lora_loaded_beside(order, rank_probe):
     with scheduler_state_masks(pipe, schedule):
         tlora_only = run(pipe, kw, latents)
     if order == "peft_first":
-        pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
+        pipe.load_lora_weights(tiny.peft_lora(pipe.transformer), adapter_name="style")
         handle = enable_tlora(pipe, *schedule, mode=MODE)
     else:
         handle = enable_tlora(pipe, *schedule, mode=MODE)
-        pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
+        pipe.load_lora_weights(tiny.peft_lora(pipe.transformer), adapter_name="style")
     rank_probe.watch("transformer", pipe.transformer)
     out = run(pipe, kw, latents)
     assert rank_probe.ranks() == expected_ranks(pipe, schedule)

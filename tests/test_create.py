@@ -9,10 +9,9 @@ import logging
 import pytest
 import torch
 from lycoris import LycorisNetwork, create_lycoris
-from test_loading import layer_state
 
 import tiny
-from compat_tools import run
+from compat_tools import layer_state, run
 from devtools.lycoris_build import lycoris_without_gc
 from tlora_hooks import TLoRAError, create_tlora, load_tlora, unload_tlora
 from tlora_hooks.discovery import applied_tlora_modules
@@ -225,20 +224,13 @@ def test_pipe_to_casts_the_adapter_and_the_masks_follow():
     """diffusers' `pipe.to(dtype)` casts every parameter, PEFT's included; the T-LoRA's too, and the masks follow."""
     pipe, kw = tiny.sdxl(rank=None, steps=3)
     network = create_tlora(pipe, config(), mode="lycoris")
-    tiny_perturb(network)
+    tiny.perturbed(network)
     pipe.to(torch.bfloat16)
     assert {p.dtype for p in network.parameters()} == {torch.bfloat16}
     assert installed_hook(pipe.unet).mode.mask_dtype == torch.bfloat16
     reference = run(pipe, kw, latents().bfloat16())
     create_tlora(pipe, config(), mode="fold")  # a fresh one on the bf16 weights, fast mode: runs, and at init is exact
     assert run(pipe, kw, latents().bfloat16()).dtype == reference.dtype == torch.bfloat16
-
-
-def tiny_perturb(network, scale=0.3, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale * parameter.abs().mean())
 
 
 def test_save_pretrained_writes_the_adapter_beside_the_unchanged_base(tmp_path):
@@ -262,7 +254,7 @@ def test_a_base_only_state_dict_loads_strictly_and_keeps_the_adapter():
     unet = tiny.unet()
     base = {key: value + 1.0 for key, value in unet.state_dict().items()}
     network = create_tlora(unet, config(), mode="lycoris")
-    tiny_perturb(network)
+    tiny.perturbed(network)
     adapter = {key: value.clone() for key, value in unet.state_dict().items() if key.startswith("tlora.")}
     unet.load_state_dict(base)
     loaded = unet.state_dict()
@@ -282,7 +274,7 @@ def test_unload_restores_the_state_dict_and_module_tree_exactly():
 
     before = state()
     for _ in range(2):
-        tiny_perturb(create_tlora(pipe, config()))
+        tiny.perturbed(create_tlora(pipe, config()))
         assert "tlora" in dict(unet.named_children())
         unload_tlora(pipe)
         after = state()
@@ -297,7 +289,7 @@ def test_a_second_create_or_load_replaces_the_first(tmp_path):
     pipe, kw = tiny.sdxl(rank=None, steps=2)
     first = create_tlora(pipe, config())
     count = len(applied_tlora_modules(pipe.unet))
-    tiny_perturb(first)
+    tiny.perturbed(first)
     path = save_tlora(first, tmp_path / "first.safetensors")
     second = create_tlora(pipe, config())
     assert len(applied_tlora_modules(pipe.unet)) == count and list(pipe.unet.tlora) == ["default"]
@@ -339,7 +331,7 @@ BAD_CONFIGS = {
 def test_bad_configs_raise_and_change_nothing(case, already):
     pipe, kw = tiny.sdxl(rank=None, steps=2)
     if already:  # LyCORIS's forward reads the perturbed weights on every call; the fast modes read them once
-        tiny_perturb(create_tlora(pipe, config(), mode="lycoris"))
+        tiny.perturbed(create_tlora(pipe, config(), mode="lycoris"))
     before = snapshot(pipe, kw)
     extra, message = BAD_CONFIGS[case]
     with pytest.raises(TLoRAError, match=message):
@@ -352,7 +344,7 @@ def test_a_failure_while_building_puts_the_previous_adapter_back(monkeypatch):
     from tlora_hooks import creation
 
     pipe, kw = tiny.sdxl(rank=None, steps=2)
-    tiny_perturb(create_tlora(pipe, config(), mode="lycoris"))
+    tiny.perturbed(create_tlora(pipe, config(), mode="lycoris"))
     before = snapshot(pipe, kw)
 
     def failing(modules):
@@ -403,7 +395,7 @@ def test_sequential_offload_leaves_the_registered_adapter_its_weights(mode):
     for offload in (False, True):
         pipe, kw = tiny.sdxl(rank=None, steps=2)
         network = create_tlora(pipe, config(), mode=mode)
-        tiny_perturb(network)
+        tiny.perturbed(network)
         if offload:
             cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
             assert all(p.device.type == "meta" for p in network.parameters())

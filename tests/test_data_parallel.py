@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 import pytest
@@ -23,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import tiny
 from devtools.measure import relative_error
+from process_group import free_port
 from tlora_hooks import create_tlora, disable_tlora
 
 WORLD_SIZE = 2
@@ -107,12 +107,6 @@ def run_wrappers(rank: int, port: int, folder: str) -> None:
 
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from conftest import lycoris_rank
-from tlora_hooks.commands import main
 from tlora_hooks.commands.demo import DemoConfig, run_demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_demo_rows_follow_the_schedule(capsys):
@@ -16,6 +21,15 @@ def test_demo_rows_follow_the_schedule(capsys):
     assert "rank" in capsys.readouterr().out
 
 
-def test_cli_demo_exits_zero(capsys):
-    assert main(["demo", "--steps", "3", "--rank", "4"]) == 0
-    assert "T-LoRA demo" in capsys.readouterr().out
+def test_cli_demo_prints_its_table_and_no_lycoris_info_lines():
+    """A fresh process, as `make demo` runs it: importing LyCORIS there sets its logger to INFO, which the demo must
+    quiet after the import, not before."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "tlora_hooks", "demo", "--steps", "2", "--rank", "4"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "T-LoRA demo" in result.stdout
+    lycoris_lines = [line for line in (result.stdout + result.stderr).splitlines() if "[LyCORIS]" in line]
+    assert lycoris_lines == []

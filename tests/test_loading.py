@@ -11,11 +11,10 @@ import torch
 from lycoris import create_lycoris_from_weights
 from lycoris.modules.tlora import set_timestep_mask
 from safetensors.torch import load_file, save_file
-from test_compat import tiny_peft_lora
 
 import tiny
 import tlora_files
-from compat_tools import hook_counts, scheduler_state_masks
+from compat_tools import hook_counts, layer_state, scheduler_state_masks
 from conftest import lycoris_rank
 from devtools.lycoris_build import lycoris_without_gc
 from tlora_hooks import TLoRAError, enable_tlora, load_tlora, loading, unload_tlora
@@ -139,11 +138,6 @@ def test_conv_modules_match_lycoris(tmp_path):
         torch.testing.assert_close(
             mine(sample, t, context).sample, theirs(sample, t, context).sample, atol=1e-5, rtol=1e-5
         )
-
-
-def layer_state(denoiser):
-    """Everything a load could leave behind on the layers: their attribute names and forward."""
-    return {name: (sorted(layer.__dict__), layer.__dict__.get("forward")) for name, layer in denoiser.named_modules()}
 
 
 def test_unload_restores_outputs_and_layers_exactly(sdxl_trained, sdxl):
@@ -578,7 +572,7 @@ def test_load_tlora_onto_layers_a_peft_lora_wraps(tmp_path, mode, request):
     def pipeline(with_peft: bool):
         pipe, kw = tiny.sd3(rank=None, steps=3)
         if with_peft:
-            pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
+            pipe.load_lora_weights(tiny.peft_lora(pipe.transformer), adapter_name="style")
         return pipe, kw
 
     reference, kw = pipeline(with_peft=True)

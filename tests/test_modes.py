@@ -1,4 +1,4 @@
-"""Every fast path against LyCORIS's own masked forward (`mode="lycoris"`), call by call, and exact restore."""
+"""Every fast mode against LyCORIS's own masked forward (`mode="lycoris"`), call by call, and exact restore."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import tiny
 from devtools.measure import KernelCounter, relative_error
 from tlora_hooks import disable_tlora, enable_tlora
 from tlora_hooks.discovery import applied_tlora_modules
-from tlora_hooks.modes import factors
 
 FAST_MODES = ("low_memory", "fold", "auto")
 
@@ -77,7 +76,7 @@ def build(family: str, dtype: torch.dtype):
     return pipe, kw, pipe.transformer
 
 
-# Relative to the output's largest value. bf16: the fast paths round W0 + ΔW (or the delta) once, LyCORIS rounds ΔW
+# Relative to the output's largest value. bf16: the fast modes round W0 + ΔW (or the delta) once, LyCORIS rounds ΔW
 # and W0 + ΔW separately; seen: 1.1e-2 (SDXL), 5.5e-3 (Flux), while unmasking moves the outputs by 5.6 % and 3.5 %.
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}
 
@@ -108,7 +107,7 @@ def test_every_mode_matches_lycoris_call_by_call(family, dtype):
 
 
 def test_modules_of_smaller_rank_read_the_first_ranks_of_the_mask():
-    """LyCORIS truncates the (1, max_rank) mask to each module's own rank; the fast paths must too."""
+    """LyCORIS truncates the (1, max_rank) mask to each module's own rank; the fast modes must too."""
     pipe, kw = tiny.sdxl(rank=None)
     tiny.add_tlora(pipe.unet, 8, targets=("Attention",), seed=1)
     tiny.add_tlora(pipe.unet, 4, targets=("FeedForward",), seed=2)
@@ -167,7 +166,7 @@ def test_extra_memory_is_reported():
     pipe, kw = tiny.sdxl()
     modules = applied_tlora_modules(pipe.unet)
     weight_bytes = sum(m.org_module[0].weight.numel() * 4 for m in modules)
-    factor_bytes = sum(factors.factor_bytes(m, torch.float32) for m in modules)
+    factor_bytes = sum(2 * m.lora_dim * (m.shape[0] + m.shape[1]) * 4 for m in modules)  # A (2r, in), B (out, 2r)
 
     fold = enable_tlora(pipe, max_rank=8, mode="fold")
     assert fold.extra_memory_bytes == weight_bytes + factor_bytes

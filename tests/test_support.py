@@ -12,7 +12,7 @@ import pytest
 import test_families
 import test_modular
 from tlora_hooks.commands import main
-from tlora_hooks.support import BEGIN, END, FAMILIES, MATRIX_PAGE, readme_section
+from tlora_hooks.support import BEGIN, END, FAMILIES, MATRIX_PAGE, matrix_section
 
 MATRIX_FILE = Path(__file__).resolve().parents[1] / MATRIX_PAGE
 CASES = {**test_families.CASES, **test_modular.CASES}
@@ -31,7 +31,7 @@ def held_classes(pipeline: str) -> str:
 def test_documented_matrix_is_the_generated_one():
     text = MATRIX_FILE.read_text(encoding="utf-8")
     section = text[text.index(BEGIN): text.index(END) + len(END)]
-    assert section == readme_section(), f"run `python -m tlora_hooks support --write {MATRIX_PAGE}`"
+    assert section == matrix_section(), f"run `python -m tlora_hooks support --write {MATRIX_PAGE}`"
 
 
 def test_every_tested_family_names_tests_that_exist():
@@ -71,11 +71,11 @@ def test_status_agrees_with_the_table(family):
 
 def test_cli_prints_and_writes_the_matrix(tmp_path, capsys):
     assert main(["support"]) == 0
-    assert capsys.readouterr().out == readme_section()[len(BEGIN) + 1: -len(END)]
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{BEGIN.split(' (')[0]} -->\nstale\n{END}\n", encoding="utf-8")
-    assert main(["support", "--write", str(readme)]) == 0
-    assert readme_section() in readme.read_text(encoding="utf-8")
-    readme.write_text("# no section\n", encoding="utf-8")
-    assert main(["support", "--write", str(readme)]) == 2
+    assert capsys.readouterr().out == matrix_section()[len(BEGIN) + 1: -len(END)]
+    page = tmp_path / "supported-pipelines.md"
+    page.write_text(f"# x\n\n{BEGIN.split(' (')[0]} -->\nstale\n{END}\n", encoding="utf-8")
+    assert main(["support", "--write", str(page)]) == 0
+    assert matrix_section() in page.read_text(encoding="utf-8")
+    page.write_text("# no section\n", encoding="utf-8")
+    assert main(["support", "--write", str(page)]) == 2
     assert "no support-matrix section" in capsys.readouterr().err

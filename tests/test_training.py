@@ -15,7 +15,7 @@ from tlora_hooks import TLoRAError, enable_tlora
 from tlora_hooks.call_rank import CallRank
 from tlora_hooks.checkpointing import CheckpointWrappers, MaskReplayingCheckpoint
 from tlora_hooks.hooks import installed_hook
-from tlora_hooks.modes.per_sample import get_sample_masks
+from tlora_hooks.modes.per_sample import PerSampleForward, get_sample_masks
 
 FAST_MODES = ("auto", "fold", "low_memory")
 TOLERANCE = 1e-5  # fp32, relative to each tensor's largest reference value
@@ -68,14 +68,21 @@ def test_every_grad_enabled_call_is_a_training_call_and_no_grad_calls_skip_it(mo
     the per-sample forward too."""
     case = tt.toy("linear_tokens")
     case.network.requires_grad_(False)
+    per_sample_calls = []
+    per_sample_forward = PerSampleForward.__call__
+
+    def counted(self, *args, **kwargs):
+        per_sample_calls.append(self.module)
+        return per_sample_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(PerSampleForward, "__call__", counted)
     with enable(case, "fold"):
-        hook = installed_hook(case.denoiser)
         with torch.no_grad(), monkeypatch.context() as patch:
             patch.setattr(CallRank, "sample_masks", lambda *_: pytest.fail("per-sample masks under no_grad"))
             case.call(slice(None), case.timesteps[:1])
-        assert not hook.mode.routed_for_training
+        assert per_sample_calls == []
         case.call(slice(None), case.timesteps)
-        assert hook.mode.routed_for_training
+        assert sorted(map(id, per_sample_calls)) == sorted(map(id, case.network.loras))  # each module once
 
 
 @pytest.mark.parametrize("mode", ["fold", "low_memory"])

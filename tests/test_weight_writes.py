@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 from lycoris import create_lycoris_from_weights
-from test_compat import tiny_peft_lora
 
 import tiny
 import tlora_files
@@ -72,7 +71,7 @@ def assert_close(out: torch.Tensor, reference: torch.Tensor, what: str) -> None:
 def test_a_fused_peft_lora_stays_fused_and_unloading_everything_restores_the_original(sd3_file, mode, order):
     pipe, kw = tiny.sd3(rank=None, steps=3)
     original = weights(pipe.transformer)
-    peft = tiny_peft_lora(pipe.transformer)
+    peft = tiny.peft_lora(pipe.transformer)
     reference, reference_kw = reference_pipeline(sd3_file)
     tlora_only = reference_output(reference, reference_kw)
     reference.load_lora_weights(peft, adapter_name="style")
@@ -103,7 +102,7 @@ def test_peft_loaded_after_the_fold_moves_its_layers_to_the_low_memory_path(sd3_
     pipe, kw = tiny.sd3(rank=None, steps=3)
     handle = load_tlora(pipe, sd3_file, mode="fold")
     assert handle.mode == {"transformer": "fold"}
-    pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
+    pipe.load_lora_weights(tiny.peft_lora(pipe.transformer), adapter_name="style")
     run(pipe, kw, latents())
     assert handle.mode == {"transformer": "fold+low_memory"}
 

@@ -47,6 +47,18 @@ def perturbed(network: LycorisNetwork, seed: int = 0, scale: float = 0.3) -> Lyc
     return network
 
 
+def peft_lora(transformer, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A diffusers-format PEFT LoRA state dict for three of the tiny SD3 transformer's Linear layers."""
+    generator = torch.Generator().manual_seed(5)
+    state = {}
+    names = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.1.ff.net.0.proj")
+    for name in names:
+        layer = transformer.get_submodule(name)
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=generator) * 0.3
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=generator) * 0.3
+    return state
+
+
 def _randn(*shape, seed: int = 0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
@@ -86,6 +98,14 @@ def unet(**config):
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "attention_head_dim": (2, 4),
         "cross_attention_dim": 32, "norm_num_groups": 1, **config,
     })
+
+
+def sdxl_unet():
+    """`unet` in SDXL's layout: text_time added conditioning, linear projections, 64-wide text embeddings."""
+    return unet(
+        cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+    )
 
 
 def _vae(latent_channels: int = 4):
@@ -137,10 +157,7 @@ def sdxl(scheduler: str = "euler", *, img2img: bool = False, steps: int = 4, ran
             use_karras_sigmas=True,
         ),
     }
-    denoiser = unet(
-        cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
-    )
+    denoiser = sdxl_unet()
     cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
     pipe = cls(vae=_vae() if img2img else None, text_encoder=None, text_encoder_2=None, tokenizer=None,
                tokenizer_2=None, unet=denoiser, scheduler=schedulers[scheduler]())
@@ -671,7 +688,7 @@ def hunyuan_video(*, steps: int = 4):
     return _quiet(pipe), kw
 
 
-def _wan_transformer(architecture: str = "WanTransformer3DModel"):
+def wan_transformer(architecture: str = "WanTransformer3DModel"):
     """Wan's transformer; SkyReels-V2's takes the same configuration."""
     import diffusers
 
@@ -690,9 +707,9 @@ def wan(variant: str = "2.1", *, steps: int | None = None, rank: int | None = 8)
 
     two_experts = variant == "2.2_a14b"
     torch.manual_seed(0)
-    experts = {"transformer": _wan_transformer()}
+    experts = {"transformer": wan_transformer()}
     if two_experts:
-        experts["transformer_2"] = _wan_transformer()
+        experts["transformer_2"] = wan_transformer()
     pipe = WanPipeline(
         tokenizer=None, text_encoder=None, vae=None, **experts,
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
@@ -796,7 +813,7 @@ def allegro(*, steps: int = 4):
 
 def _skyreels_transformer():
     torch.manual_seed(0)
-    return _wan_transformer("SkyReelsV2Transformer3DModel").eval()
+    return wan_transformer("SkyReelsV2Transformer3DModel").eval()
 
 
 def skyreels_v2(*, steps: int = 4):

@@ -134,8 +134,7 @@ def toy(kind: str, batch: int = 4) -> TrainingCase:
 def sdxl(batch: int = 4, prompt_embeds: torch.Tensor | None = None) -> TrainingCase:
     """int64 (B,) timesteps, positional: `unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=...)`.
     `prompt_embeds` (batch, 8, 64) replaces the random ones (a textual inversion's trainable embeddings)."""
-    unet = tiny.unet(cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
-                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+    unet = tiny.sdxl_unet()
     network = tiny.add_tlora(unet, RANK)
     trainable(unet, network)
     return sdxl_case(unet, network, batch, prompt_embeds)
@@ -182,7 +181,7 @@ def flux(batch: int = 4) -> TrainingCase:
 def wan_ti2v(batch: int = 4) -> TrainingCase:
     """Per-token timesteps, (B, tokens), as Wan 2.2 TI2V passes them: the conditioning frame's tokens at 0, the
     sample's own t elsewhere."""
-    transformer = tiny._wan_transformer()
+    transformer = tiny.wan_transformer()
     network = tiny.add_tlora(transformer, RANK)
     trainable(transformer, network)
     generator = torch.Generator().manual_seed(6)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Public name -> the module that defines it.
+# Public name -> the module that defines it; `__all__` and the type checkers' imports below list the same names.
 _EXPORTS = {
     "RankSchedule": "schedule",
     "TLoRAError": "errors",
@@ -32,36 +32,26 @@ _EXPORTS = {
     "unload_tlora": "loading",
 }
 
-__all__ = [
-    "RankSchedule",
-    "TLoRAAdapter",
-    "TLoRAError",
-    "TLoRAHandle",
-    "TimestepConvention",
-    "create_tlora",
-    "delete_tlora_adapters",
-    "disable_tlora",
-    "enable_tlora",
-    "get_tlora_adapters",
-    "load_tlora",
-    "rank_for_timestep",
-    "register_convention",
-    "save_tlora",
-    "set_tlora_adapter_weight",
-    "set_tlora_adapters",
-    "unload_tlora",
-]
+__all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .adapters import TLoRAAdapter, get_tlora_adapters, set_tlora_adapter_weight, set_tlora_adapters
-    from .api import disable_tlora, enable_tlora
-    from .conventions import TimestepConvention, register_convention
-    from .creation import create_tlora
-    from .errors import TLoRAError
-    from .hooks import TLoRAHandle
-    from .loading import delete_tlora_adapters, load_tlora, unload_tlora
-    from .saving import save_tlora
-    from .schedule import RankSchedule, rank_for_timestep
+if TYPE_CHECKING:  # `name as name` re-exports the name to type checkers, which cannot read a computed `__all__`
+    from .adapters import TLoRAAdapter as TLoRAAdapter
+    from .adapters import get_tlora_adapters as get_tlora_adapters
+    from .adapters import set_tlora_adapter_weight as set_tlora_adapter_weight
+    from .adapters import set_tlora_adapters as set_tlora_adapters
+    from .api import disable_tlora as disable_tlora
+    from .api import enable_tlora as enable_tlora
+    from .conventions import TimestepConvention as TimestepConvention
+    from .conventions import register_convention as register_convention
+    from .creation import create_tlora as create_tlora
+    from .errors import TLoRAError as TLoRAError
+    from .hooks import TLoRAHandle as TLoRAHandle
+    from .loading import delete_tlora_adapters as delete_tlora_adapters
+    from .loading import load_tlora as load_tlora
+    from .loading import unload_tlora as unload_tlora
+    from .saving import save_tlora as save_tlora
+    from .schedule import RankSchedule as RankSchedule
+    from .schedule import rank_for_timestep as rank_for_timestep
 
 
 def __getattr__(name: str) -> Any:

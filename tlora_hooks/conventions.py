@@ -94,12 +94,18 @@ REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 @dataclass(frozen=True)
 class TimestepConvention:
-    """How one denoiser receives its timestep.
+    """How one denoiser receives its timestep: one row of the convention table (see `register_convention`).
 
-    `to_timestep` maps the received value to the noise-ward timestep on the scheduler's scale;
-    `schedule_to_timestep` maps `scheduler.timesteps` to the same scale, for snapping;
-    `divide_by_config` names a denoiser config entry the pipeline multiplies the timestep by
-    (Sana's `timestep_scale`); `unsupported`, when set, is why enabling must refuse.
+    Args:
+        param: The denoiser's forward parameter that holds the timestep (found by keyword or position).
+        to_timestep: Maps the received value to the noise-ward timestep on the scheduler's scale.
+        reduce: `"max"`, `"min"` or `"mean"`: how per-token or per-frame values become one.
+        schedule_to_timestep: Maps `scheduler.timesteps` to the same scale, for snapping a rounded value back.
+        video: Whether the denoiser is a video model (enabling warns that T-LoRA on video is experimental).
+        divide_by_config: A denoiser config entry the pipeline multiplies the timestep by (Sana's
+            `timestep_scale`), divided out again once the denoiser is known.
+        unsupported: When set, why enabling must refuse this denoiser.
+        note: What the support matrix says about this row.
     """
 
     param: str = "timestep"
@@ -121,7 +127,11 @@ class TimestepConvention:
                 raise TLoRAError(f"{name} must be callable (tensor -> tensor), got {getattr(self, name)!r}.")
 
     def bound_to(self, denoiser: nn.Module) -> "TimestepConvention":
-        """This row with `divide_by_config` read from the denoiser's config and folded into `to_timestep`."""
+        """This row with `divide_by_config` read from the denoiser's config and folded into `to_timestep`.
+
+        Args:
+            denoiser: The denoiser whose config holds the `divide_by_config` entry.
+        """
         if self.divide_by_config is None:
             return self
         config = getattr(denoiser, "config", None)

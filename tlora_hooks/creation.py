@@ -44,7 +44,7 @@ ALGO_MAPS = ("module_algo_map", "name_algo_map")
 
 
 @dataclass
-class TLoraConfig:
+class TLoRAConfig:
     """SimpleTuner's LyCORIS config for `algo: "tlora"`, with LyCORIS's and SimpleTuner's defaults filled in."""
 
     schedule: RankSchedule
@@ -54,7 +54,7 @@ class TLoraConfig:
     lycoris_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, config: str | os.PathLike | dict) -> "TLoraConfig":
+    def read(cls, config: str | os.PathLike | dict) -> "TLoRAConfig":
         raw = _load(config)
         algo = raw.get("algo")
         if algo != "tlora":
@@ -125,7 +125,7 @@ def create_tlora(
     """
     if mode is not None:
         check_mode(mode)
-    settings = TLoraConfig.read(config)
+    settings = TLoRAConfig.read(config)
     check_adapter_name(adapter_name)
     (name, denoiser), *others = candidate_denoisers(target, component).items()
     if others:
@@ -161,7 +161,7 @@ def create_tlora(
 
 
 @torch.no_grad()
-def build_network(denoiser: nn.Module, settings: TLoraConfig, preset: dict) -> LycorisNetwork:
+def build_network(denoiser: nn.Module, settings: TLoRAConfig, preset: dict) -> LycorisNetwork:
     """LyCORIS's network for the config and preset, on each layer's device, initialised as LyCORIS initialises it."""
     from lycoris import create_lycoris
     from lycoris.wrapper import network_module_dict

@@ -286,7 +286,11 @@ class TLoRAHandle:
 
     def add_exit_action(self, action: Callable[[], None]) -> None:
         """Run `action` after the hooks are removed at the end of a `with` block (`load_tlora`: unload its adapter,
-        and hook the denoiser's other adapters again)."""
+        and hook the denoiser's other adapters again).
+
+        Args:
+            action: Called with no arguments; the actions run last added first.
+        """
         self._exit_actions.append(action)
 
     def __enter__(self) -> "TLoRAHandle":

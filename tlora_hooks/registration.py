@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 ADAPTERS_ATTRIBUTE = "tlora"
 
 
-class TLoraAdapters(nn.ModuleDict):
+class RegisteredNetworks(nn.ModuleDict):
     """The registered T-LoRA networks of one denoiser, by adapter name."""
 
     def keep_unloaded_adapters(self, module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -63,11 +63,11 @@ def register_network(denoiser: nn.Module, adapter_name: str, network: LycorisNet
                 f"{type(denoiser).__name__} already has an attribute {ADAPTERS_ATTRIBUTE!r}; the T-LoRA parameters "
                 "cannot be registered under it."
             )
-        adapters = TLoraAdapters()
+        adapters = RegisteredNetworks()
         denoiser.add_module(ADAPTERS_ATTRIBUTE, adapters)
         adapters.__dict__["_release_handle"] = denoiser.register_forward_pre_hook(adapters.release_from_offload)
         adapters.register_load_state_dict_pre_hook(adapters.keep_unloaded_adapters)
-    elif not isinstance(adapters, TLoraAdapters):
+    elif not isinstance(adapters, RegisteredNetworks):
         raise TLoRAError(
             f"{type(denoiser).__name__} already has a submodule {ADAPTERS_ATTRIBUTE!r} that tlora_hooks did not add; "
             "the T-LoRA parameters cannot be registered under it."
@@ -78,7 +78,7 @@ def register_network(denoiser: nn.Module, adapter_name: str, network: LycorisNet
 def unregister_network(denoiser: nn.Module, adapter_name: str) -> None:
     """Remove `tlora.<adapter_name>`, and `tlora` itself once empty; a no-op where it is not registered."""
     adapters = denoiser._modules.get(ADAPTERS_ATTRIBUTE)
-    if not isinstance(adapters, TLoraAdapters):
+    if not isinstance(adapters, RegisteredNetworks):
         return
     if adapter_name in adapters:
         del adapters[adapter_name]
@@ -87,18 +87,12 @@ def unregister_network(denoiser: nn.Module, adapter_name: str) -> None:
         del denoiser._modules[ADAPTERS_ATTRIBUTE]
 
 
-def registered_networks(denoiser: nn.Module) -> dict[str, LycorisNetwork]:
-    """The T-LoRA networks registered under `denoiser`, by adapter name."""
-    adapters = denoiser._modules.get(ADAPTERS_ATTRIBUTE)
-    return dict(adapters.items()) if isinstance(adapters, TLoraAdapters) else {}
-
-
 @contextmanager
 def adapters_hidden(denoiser: nn.Module) -> Iterator[None]:
     """The denoiser without its registered adapters for a while: LyCORIS's presets walk `named_modules()`, where a
     name pattern could otherwise match another adapter's own layers (`tlora.<name>.lycoris_..._attn1_to_q.q_layer`)."""
     adapters = denoiser._modules.get(ADAPTERS_ATTRIBUTE)
-    if not isinstance(adapters, TLoraAdapters):
+    if not isinstance(adapters, RegisteredNetworks):
         yield
         return
     del denoiser._modules[ADAPTERS_ATTRIBUTE]

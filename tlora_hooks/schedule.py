@@ -54,11 +54,20 @@ class RankSchedule:
             )
 
     def rank(self, timestep: float, max_timestep: int) -> int:
-        """Active ranks at `timestep` on a scale where `max_timestep` is pure noise."""
+        """Active ranks at `timestep` on a scale where `max_timestep` is pure noise.
+
+        Args:
+            timestep: The timestep on the scheduler's noise-ward scale (0 = clean).
+            max_timestep: The pure-noise end of that scale (the scheduler's `num_train_timesteps`).
+        """
         return rank_for_timestep(timestep, max_timestep, self.max_rank, self.min_rank, self.alpha)
 
     def rank_table(self, max_timestep: int) -> list[int]:
-        """Rank for every integer timestep 0..max_timestep."""
+        """Rank for every integer timestep 0..max_timestep: a lookup table the hooks index on the device.
+
+        Args:
+            max_timestep: The pure-noise end of the scale (the scheduler's `num_train_timesteps`).
+        """
         return [self.rank(t, max_timestep) for t in range(max_timestep + 1)]
 
 

@@ -198,17 +198,18 @@ def support_matrix(families: tuple[Family, ...] = FAMILIES) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_section() -> str:
+def matrix_section() -> str:
+    """The generated section of the matrix page, markers included."""
     return f"{BEGIN}\n{support_matrix()}{END}"
 
 
-def update_readme(path: str | Path) -> bool:
+def update_matrix_page(path: str | Path) -> bool:
     """Rewrite the generated section of a Markdown page (the support-matrix markers) in place; True if it changed."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     pattern = re.compile(re.escape(BEGIN.split(" (")[0]) + r".*?" + re.escape(END), re.DOTALL)
     if not pattern.search(text):
         raise TLoRAError(f"{path} has no support-matrix section (a line starting with {BEGIN.split(' (')[0]!r}).")
-    updated = pattern.sub(lambda _: readme_section(), text, count=1)
+    updated = pattern.sub(lambda _: matrix_section(), text, count=1)
     path.write_text(updated, encoding="utf-8")
     return updated != text

@@ -154,10 +154,13 @@ def run_demo(config: DemoConfig = DemoConfig()) -> list[dict[str, float]]:
 
 
 def _quiet_dependencies() -> None:
-    """The demo shows its own table; the stock pipelines' deprecation chatter would hide it."""
+    """The demo shows its own table; the stock pipelines' deprecation chatter would hide it. LyCORIS sets its
+    logger to INFO when imported, so it is imported first and quieted after."""
+    from lycoris.logging import logger as lycoris_logger
+
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    lycoris_logger.setLevel(logging.WARNING)
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""`tlora-hooks support`: print the support matrix of pipeline families, or rewrite a README's generated section."""
+"""`tlora-hooks support`: print the support matrix of pipeline families, or rewrite its page's generated section."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> None:
-    from ..support import support_matrix, update_readme
+    from ..support import support_matrix, update_matrix_page
 
     if args.write:
-        changed = update_readme(args.write)
+        changed = update_matrix_page(args.write)
         print(f"{args.write}: support matrix {'updated' if changed else 'already current'}")
     else:
         print(support_matrix(), end="")
@@ -22,5 +22,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         subparsers (`argparse._SubParsersAction`): what `ArgumentParser.add_subparsers` returned.
     """
     parser = subparsers.add_parser("support", help="print the support matrix of pipeline families")
-    parser.add_argument("--write", metavar="README", help="rewrite the generated section of this README")
+    parser.add_argument(
+        "--write", metavar="PAGE", help="rewrite the generated section of this page (docs/supported-pipelines.md)"
+    )
     parser.set_defaults(run=_run)

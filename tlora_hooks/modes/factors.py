@@ -71,12 +71,6 @@ def signature_mask(masks: dict[int, torch.Tensor], signature: Signature) -> torc
     return torch.cat([doubled_mask(masks[group], rank) for group, rank in signature])
 
 
-def factor_bytes(module: TLoraModule, dtype: torch.dtype) -> int:
-    """Bytes of one module's A and B in `dtype`."""
-    out_features, in_features = module.shape[0], module.shape[1]
-    return 2 * module.lora_dim * (in_features + out_features) * torch.empty((), dtype=dtype).element_size()
-
-
 def takes_fast_mode(module: TLoraModule) -> bool:
     """Linear-like modules whose LyCORIS forward is deterministic: the others stay on LyCORIS's own forward.
 

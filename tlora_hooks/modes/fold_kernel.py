@@ -24,22 +24,16 @@ logger = get_logger(__name__)
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
-# (BLOCK_O, BLOCK_I, num_warps, num_stages) tried on the device; the interpreter (CPU tests) uses the small one.
+# (BLOCK_O, BLOCK_I, num_warps, num_stages) tried on the device.
 TILE_CONFIGS = ((64, 128, 4, 2), (128, 128, 8, 2), (64, 256, 8, 2), (128, 64, 4, 3))
-INTERPRETER_CONFIG = (32, 32, 4, 1)
 
 
 def wanted() -> bool:
     return os.environ.get("TLORA_HOOKS_FUSED_FOLD", "1") != "0"
 
 
-def interpreted() -> bool:
-    """Triton's CPU interpreter (`TRITON_INTERPRET=1`), which the tests use where no GPU is present."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def supports(weights: torch.Tensor) -> bool:
-    if not wanted() or weights.dtype not in HALF_DTYPES or (weights.device.type != "cuda" and not interpreted()):
+    if not wanted() or weights.dtype not in HALF_DTYPES or weights.device.type != "cuda":
         return False
     return triton_kernel() is not None
 
@@ -63,13 +57,13 @@ def fused_fold(
     """weights[g] = base[g] + (b[g] ⊙ mask)·a[g] for every g whose mask differs from `previous`; then previous = mask.
 
     base, weights: (G, out, in); b: (G, out, K); a: (G, K, in); mask, previous: (K,); all contiguous.
-    `config` is a `TILE_CONFIGS` entry (default: the first, or the interpreter's).
+    `config` is a `TILE_CONFIGS` entry (default: the first).
     """
     triton, kernel = triton_kernel()
     layers, out_features, in_features = weights.shape
     k = b.shape[-1]
     block_k = max(16, min(64, triton.next_power_of_2(k)))
-    block_o, block_i, warps, stages = config or (INTERPRETER_CONFIG if interpreted() else TILE_CONFIGS[0])
+    block_o, block_i, warps, stages = config or TILE_CONFIGS[0]
     grid = (triton.cdiv(in_features, block_i), triton.cdiv(out_features, block_o), layers)
     kernel[grid](
         base, b, a, mask, previous, weights, out_features, in_features,
@@ -108,8 +102,6 @@ def fastest_config(
 
     Runs once per stack at enable time (it synchronises the device); leaves `weights` equal to `base`.
     """
-    if interpreted():
-        return INTERPRETER_CONFIG if self_check(base, b, a, INTERPRETER_CONFIG) else None
     mask = torch.ones(b.shape[-1], device=b.device, dtype=b.dtype)
     never_folded = torch.full_like(mask, float("nan"))
 

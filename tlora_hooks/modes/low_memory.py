@@ -184,7 +184,7 @@ class LowMemoryMode(StackedMode):
     def modules(self) -> list[TLoraModule]:
         return [module for layer in self.layers for module in layer.modules]
 
-    def group(self, call_device: torch.device) -> None:
+    def build_stacks(self, call_device: torch.device) -> None:
         """Stack same-shaped layers that run on one device: on the call's device unless a device map (or an
         offloading hook) runs them elsewhere. Done on the first call, when hooks added after enabling are there."""
         devices = execution_devices(self._denoiser(), [base_layer(layer.module) for layer in self.layers])
@@ -201,7 +201,7 @@ class LowMemoryMode(StackedMode):
         self.path_check.check()
         call_device = next(iter(masks.values())).device
         if not self.stacks:
-            self.group(call_device)
+            self.build_stacks(call_device)
         stacked: dict[tuple, torch.Tensor] = {}
         with torch.no_grad():
             for stack in self.stacks:

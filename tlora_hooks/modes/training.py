@@ -103,10 +103,6 @@ class TrainingMode:
     def extra_memory_bytes(self) -> int:
         return self.inner.extra_memory_bytes
 
-    @property
-    def routed_for_training(self) -> bool:
-        return bool(self._routes)
-
     # -- per call ------------------------------------------------------------------------------------------------
     def set_masks(self, masks: GroupMasks) -> None:
         """An inference call: the fast mode, with factors rebuilt where training changed the parameters."""

@@ -563,8 +563,34 @@ def test_with_load_tlora_unloads_at_the_end_and_cannot_be_nested(bad_files, sdxl
     assert not applied_tlora_modules(pipe.unet) and installed_hook(pipe.unet) is None
 
 
-# -- a PEFT LoRA already on the layers --------------------------------------------------------------------------------
 SD3_LATENTS = (1, 4, 4, 4)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float8_e4m3fn], ids=["int64_alpha", "fp8"])
+def test_files_lycoris_saves_load_as_lycoris_loads_them(tmp_path, dtype, capsys):
+    """`save_weights(path, None)` keeps LyCORIS's int `linear_alpha` as an int64 scalar; fp8 tensors have no
+    `isfinite` kernel. LyCORIS's `create_lycoris_from_weights` loads both files: so must load_tlora and inspect."""
+    trained, _ = tiny.sd3(rank=None)
+    path = tlora_files.simpletuner_file(tiny.add_tlora(trained.transformer, 8), tmp_path / "t.safetensors",
+                                        dtype=dtype, **SCHEDULE)
+    alphas = {tensor.dtype for key, tensor in load_file(path).items() if key.endswith(".alpha")}
+    assert alphas == {torch.int64 if dtype is None else dtype}, "the file LyCORIS wrote is the case under test"
+    reference, kw = tiny.sd3(rank=None, steps=3)
+    with lycoris_without_gc():
+        network, _ = create_lycoris_from_weights(1.0, path, reference.transformer)
+    network.apply_to()
+    with scheduler_state_masks(reference, (8, 2, 0.5)):
+        expected = run(reference, kw, shape=SD3_LATENTS)
+    pipe, kw = tiny.sd3(rank=None, steps=3)
+    plain = run(pipe, kw, shape=SD3_LATENTS)
+    load_tlora(pipe, path)
+    out = run(pipe, kw, shape=SD3_LATENTS)
+    assert not torch.equal(out, plain), "the T-LoRA applies"
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert main(["inspect", path]) == 0 and "damaged" not in capsys.readouterr().out
+
+
+# -- a PEFT LoRA already on the layers --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["lycoris", "low_memory", "fold", "auto"])

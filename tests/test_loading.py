@@ -439,6 +439,16 @@ def test_bad_input_changes_nothing(bad_files, baseline_outputs, sdxl, case, alre
     assert_same(before, snapshot(pipe, kw))
 
 
+def test_load_tlora_onto_fused_qkv_projections_is_refused_and_changes_nothing(bad_files, sdxl):
+    """The fused attention would run its to_qkv layer, not the layers the file's modules go on."""
+    pipe, kw = sdxl
+    pipe.fuse_qkv_projections(vae=False)
+    before = snapshot(pipe, kw)
+    with pytest.raises(TLoRAError, match=r"fused q/k/v projections.*Call unfuse_qkv_projections\(\)"):
+        load_tlora(pipe, bad_files["good"], min_rank=1)
+    assert_same(before, snapshot(pipe, kw))
+
+
 def test_unmatched_keys_warn_without_strict(bad_files, sdxl, caplog):
     pipe, _ = sdxl
     with caplog.at_level(logging.WARNING, logger="tlora_hooks"):

@@ -11,6 +11,7 @@ from .call_rank import CallRank
 from .conventions import TimestepFn, plan_timestep_reading
 from .discovery import components_of, find_denoisers, is_pipeline, scheduler_attribute, unrunnable_conv
 from .errors import TLoRAError
+from .fused_projections import FusedProjectionCheck
 from .hooks import (
     AdapterSettings,
     DenoiserHook,
@@ -111,6 +112,7 @@ def hook_denoisers(
     replaced = components_of(target).values() if replace_all else [d for d, _ in found.values()]
     refuse_inside_open_block(replaced, "enable_tlora")
     for name, (denoiser, adapters) in found.items():
+        FusedProjectionCheck(name, denoiser, [m.org_module[0] for a in adapters for m in a.modules]).check()
         # Skipped where hooks are installed (on it, or on a denoiser it wraps): the fold mode and inactive adapters
         # take their modules out of the chain until removed.
         if not any(installed_hook(module) is not None for module in denoiser.modules()):

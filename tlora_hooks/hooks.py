@@ -21,6 +21,7 @@ from .call_rank import CallRank, RankTable
 from .checkpointing import CheckpointWrappers
 from .discovery import applied_tlora_modules
 from .errors import TLoRAError
+from .fused_projections import FusedProjectionCheck
 from .modes import MaskMode, build_mode
 from .modes.chain import OutOfChain
 from .modes.lycoris import set_group_mask
@@ -134,6 +135,7 @@ class DenoiserHook:
         # A block run while no call of this denoiser runs was reached around its hooks (an xDiT wrapper): raise.
         layers = [module.org_module[0] for module in applied_tlora_modules(denoiser)]
         self._handles += BlockGuard(self.name, denoiser, layers, self.guard.running).handles
+        self.fused_check = FusedProjectionCheck(self.name, denoiser, layers)
         # A mask left set by an interrupted call must not outlive the denoiser in LyCORIS's global storage
         # (the finalizer holds the group number only, so the modules are freed with the denoiser).
         groups = [adapter.group_id for adapter in self.adapters.values()]
@@ -184,6 +186,7 @@ class DenoiserHook:
     # the layers as device data and recompiles nothing.
     @torch.compiler.disable
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.fused_check.check()  # fuse_qkv_projections() after enabling
         self.guard.claim()
         if not self.tables:  # no active adapter: nothing runs, nothing to mask
             return

@@ -603,6 +603,27 @@ def test_files_lycoris_saves_load_as_lycoris_loads_them(tmp_path, dtype, capsys)
 # -- a PEFT LoRA already on the layers --------------------------------------------------------------------------------
 
 
+def test_load_tlora_onto_layers_of_a_fused_peft_lora_is_refused_and_changes_nothing(tmp_path):
+    """The file's base terms would be rebuilt from weights with the PEFT delta fused in, not the trained ones."""
+    trained, _ = tiny.sd3(rank=None)
+    path = str(tmp_path / "sd3.safetensors")
+    save_trained(trained, trained.transformer, path, **SCHEDULE)
+    pipe, kw = tiny.sd3(rank=None, steps=3)
+    pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
+    pipe.fuse_lora()
+    state = {name: tensor.clone() for name, tensor in pipe.transformer.state_dict().items()}
+    modules, fused = list(pipe.transformer.modules()), run(pipe, kw, shape=SD3_LATENTS)
+    with pytest.raises(TLoRAError, match=r"PEFT LoRA is fused into this layer.*unfuse_lora\(\) before load_tlora"):
+        load_tlora(pipe, path)
+    assert list(pipe.transformer.modules()) == modules and installed_hook(pipe.transformer) is None
+    after = pipe.transformer.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[name], state[name]) for name in state)
+    assert torch.equal(run(pipe, kw, shape=SD3_LATENTS), fused)
+    pipe.unfuse_lora()
+    load_tlora(pipe, path)  # what the message says to do
+    assert len(applied_tlora_modules(pipe.transformer)) == len(applied_tlora_modules(trained.transformer))
+
+
 @pytest.mark.parametrize("mode", ["lycoris", "low_memory", "fold", "auto"])
 def test_load_tlora_onto_layers_a_peft_lora_wraps(tmp_path, mode, request):
     """The T-LoRA goes on PEFT's base layer, as LyCORIS's create_lycoris_from_weights puts it: both adapters apply,

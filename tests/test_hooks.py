@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -200,6 +201,28 @@ def test_a_with_block_does_not_bring_back_hooks_of_an_adapter_unloaded_inside_it
         unload_tlora(pipe)
     assert installed_hook(pipe.transformer) is None and not applied_tlora_modules(pipe.transformer)
     assert torch.equal(run(pipe, kw, SD3_LATENTS), plain)
+
+
+@pytest.mark.parametrize("mode", ["fold", "low_memory"])
+def test_deep_copying_a_hooked_denoiser_raises_and_a_copy_made_after_disabling_works(tmp_path, mode):
+    """The copy's hooks would act on the original's state, and the fold leaves a delta in the copied weights."""
+    schedule = (8, 2, 0.5)
+    path, expected = _sd3_file_and_outputs(tmp_path, [schedule])
+    pipe, kw = tiny.sd3(rank=None, steps=3)
+    load_tlora(pipe, path, min_rank=2, alpha=0.5, mode=mode)
+    run(pipe, kw, SD3_LATENTS)
+    for target in (pipe.transformer, pipe):
+        with pytest.raises(TLoRAError, match="copy.deepcopy of transformer while T-LoRA hooks are on it"):
+            copy.deepcopy(target)
+    torch.testing.assert_close(run(pipe, kw, SD3_LATENTS), expected[schedule], atol=1e-5, rtol=1e-5)
+    disable_tlora(pipe)  # what the message says: copy without the hooks, then enable each
+    copied = copy.deepcopy(pipe)
+    for each in (pipe, copied):
+        enable_tlora(each, *schedule, mode=mode)
+    for each in (copied, pipe):
+        torch.testing.assert_close(run(each, kw, SD3_LATENTS), expected[schedule], atol=1e-5, rtol=1e-5)
+    originals = set(map(id, applied_tlora_modules(pipe.transformer)))
+    assert originals and not originals & set(map(id, applied_tlora_modules(copied.transformer)))
 
 
 def test_plain_repeated_enables_still_replace_and_blocks_on_other_denoisers_are_independent():

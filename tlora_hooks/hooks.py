@@ -27,7 +27,7 @@ from .modes.chain import OutOfChain
 from .modes.lycoris import set_group_mask
 from .modes.per_sample import clear_sample_masks
 from .schedule import RankSchedule
-from .thread_guard import ThreadGuard
+from .thread_guard import ThreadGuard, hooked_copy_message
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
@@ -141,6 +141,9 @@ class DenoiserHook:
         groups = [adapter.group_id for adapter in self.adapters.values()]
         self._finalizer = weakref.finalize(denoiser, clear_groups, groups)
         setattr(denoiser, STATE_ATTRIBUTE, self)
+
+    def __deepcopy__(self, memo: dict) -> DenoiserHook:
+        raise TLoRAError(hooked_copy_message(self.name))
 
     # -- the active adapters --------------------------------------------------------------------------------------
     def _build_mode(self, denoiser: nn.Module | None) -> None:

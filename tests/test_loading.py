@@ -603,6 +603,31 @@ def test_files_lycoris_saves_load_as_lycoris_loads_them(tmp_path, dtype, capsys)
 # -- a PEFT LoRA already on the layers --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["low_memory", "lycoris"])
+def test_pipe_to_float64_after_loading_casts_the_registered_modules_and_gives_lycoris_output(tmp_path, mode):
+    """The modules load_tlora registers under the denoiser follow `pipe.to(dtype)`: no dtype mismatch at the call."""
+    trained, _ = tiny.sd3(rank=None)
+    path = str(tmp_path / "sd3.safetensors")
+    save_trained(trained, trained.transformer, path, **SCHEDULE)
+    reference, kw = tiny.sd3(rank=None, steps=3)
+    with lycoris_without_gc():
+        network, _ = create_lycoris_from_weights(1.0, path, reference.transformer)
+    network.apply_to()
+    reference.to(torch.float64)
+    network.to(torch.float64)  # a network applied by hand is not part of the denoiser
+    kw64 = {key: value.double() if torch.is_tensor(value) else value for key, value in kw.items()}
+    with scheduler_state_masks(reference, (8, 2, 0.5), mask_dtype=torch.float64):
+        expected = run(reference, kw64, shape=SD3_LATENTS)
+    pipe, kw = tiny.sd3(rank=None, steps=3)
+    load_tlora(pipe, path, mode=mode)
+    run(pipe, kw, shape=SD3_LATENTS)  # enabled and run in float32 first
+    pipe.to(torch.float64)
+    assert {module.q_layer.weight.dtype for module in applied_tlora_modules(pipe.transformer)} == {torch.float64}
+    out = run(pipe, kw64, shape=SD3_LATENTS)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_load_tlora_onto_layers_of_a_fused_peft_lora_is_refused_and_changes_nothing(tmp_path):
     """The file's base terms would be rebuilt from weights with the PEFT delta fused in, not the trained ones."""
     trained, _ = tiny.sd3(rank=None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tiny
-from compat_tools import hook_counts
+from compat_tools import hook_counts, scheduler_state_masks
 from devtools.lycoris_build import lycoris_without_gc
 from tlora_hooks import TLoRAError, enable_tlora
 from tlora_hooks.discovery import applied_tlora_modules
@@ -178,3 +178,41 @@ def test_tlora_on_convolutions_larger_than_1x1_is_refused_before_anything_change
     assert snapshot(pipe) == before
     with pytest.raises(RuntimeError):  # why: LyCORIS's own forward on the 3x3 conv, with no hook involved
         pipe(**kw)
+
+
+# -- fuse_qkv_projections(): the fused attention runs one to_qkv layer instead of the layers that hold the T-LoRA -----
+FUSED_QKV = {  # family -> (builder, fuse, unfuse, denoiser name)
+    "sdxl": (lambda: tiny.sdxl(steps=2), lambda pipe: pipe.fuse_qkv_projections(vae=False),
+             lambda pipe: pipe.unfuse_qkv_projections(vae=False), "unet"),
+    "flux": (lambda: tiny.flux(steps=2, dtype=torch.float32), lambda pipe: pipe.transformer.fuse_qkv_projections(),
+             lambda pipe: pipe.transformer.unfuse_qkv_projections(), "transformer"),
+}
+
+
+@pytest.mark.parametrize("mode", ["fold", "low_memory", "lycoris"])
+@pytest.mark.parametrize("family", list(FUSED_QKV))
+def test_fused_qkv_projections_are_refused_before_and_after_enabling(family, mode):
+    """SDXL's older `Attention` (fused processors; unfusing leaves the fused layers) and Flux's (a flag): both are
+    found when enabling and at the next call, and unfusing gives LyCORIS's own masked output again."""
+    build, fuse, unfuse, name = FUSED_QKV[family]
+    pipe, kw = build()
+    denoiser = getattr(pipe, name)
+
+    def output():
+        return pipe(**kw, generator=torch.Generator().manual_seed(3), return_dict=False)[0]
+
+    with scheduler_state_masks(pipe, (8, 1, 1.0)):
+        expected = output()
+    before = hook_counts(denoiser)
+    fuse(pipe)
+    with pytest.raises(TLoRAError, match=r"fuse_qkv_projections\(\).*Call unfuse_qkv_projections\(\)"):
+        enable_tlora(pipe, max_rank=8, mode=mode)
+    assert hook_counts(denoiser) == before and STATE_ATTRIBUTE not in denoiser.__dict__
+    unfuse(pipe)
+    enable_tlora(pipe, max_rank=8, mode=mode)
+    torch.testing.assert_close(output(), expected, atol=1e-5, rtol=1e-5)
+    fuse(pipe)  # after enabling: the next call raises, before it runs
+    with pytest.raises(TLoRAError, match="to_q, to_k, to_v -> to_qkv"):
+        output()
+    unfuse(pipe)
+    torch.testing.assert_close(output(), expected, atol=1e-5, rtol=1e-5)

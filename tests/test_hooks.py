@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
 import pytest
 import torch
+from lycoris import create_lycoris_from_weights
 from lycoris.modules.tlora import get_timestep_mask
 
 import tiny
-from compat_tools import hook_counts
+import tlora_files
+from compat_tools import hook_counts, run, scheduler_state_masks
 from conftest import lycoris_rank
-from tlora_hooks import TLoRAError, disable_tlora, enable_tlora
+from devtools.lycoris_build import lycoris_without_gc
+from tlora_hooks import TLoRAError, disable_tlora, enable_tlora, get_tlora_adapters, load_tlora, unload_tlora
 from tlora_hooks.discovery import applied_tlora_modules
-from tlora_hooks.hooks import STATE_ATTRIBUTE
+from tlora_hooks.hooks import STATE_ATTRIBUTE, installed_hook
+
+SD3_LATENTS = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
 
 
 def test_an_exception_inside_the_forward_leaves_no_mask(rank_probe):
@@ -141,6 +147,84 @@ def test_an_inner_with_block_on_the_same_denoiser_raises_and_the_outer_stays_mas
     enable_tlora(pipe, max_rank=8, alpha=2.0).remove()  # after the block, enabling works again
 
 
+def _sd3_file_and_outputs(tmp_path, schedules):
+    """A perturbed T-LoRA file, and LyCORIS's own output for it (its mask set from the scheduler's step) under each
+    schedule."""
+    trained, _ = tiny.sd3(rank=None)
+    path = tlora_files.simpletuner_file(tiny.add_tlora(trained.transformer, 8), tmp_path / "t.safetensors")
+    reference, kw = tiny.sd3(rank=None, steps=3)
+    with lycoris_without_gc():
+        network, _ = create_lycoris_from_weights(1.0, path, reference.transformer)
+    network.apply_to()
+    outputs = {}
+    for schedule in schedules:
+        with scheduler_state_masks(reference, schedule):
+            outputs[schedule] = run(reference, kw, SD3_LATENTS)
+    return path, outputs
+
+
+@pytest.mark.parametrize("mode", ["fold", "low_memory", "lycoris"])
+@pytest.mark.parametrize("before", ["enable_tlora", "load_tlora"])
+def test_a_with_block_over_earlier_hooks_puts_them_back_at_its_end(tmp_path, before, mode):
+    """A plain `enable_tlora` or a `load_tlora` before the block: its hooks come back after it, or the rest of the
+    run would be unmasked (all ranks at every step)."""
+    outer, inner = (8, 2, 0.5), (8, 1, 1.0)
+    path, expected = _sd3_file_and_outputs(tmp_path, [outer, inner])
+    assert not torch.equal(expected[outer], expected[inner])
+    pipe, kw = tiny.sd3(rank=None, steps=3)
+    if before == "load_tlora":
+        load_tlora(pipe, path, min_rank=2, alpha=0.5, mode=mode)
+    else:
+        with lycoris_without_gc():
+            network, _ = create_lycoris_from_weights(1.0, path, pipe.transformer)
+        network.apply_to()
+        enable_tlora(pipe, *outer, mode=mode)
+    adapters = get_tlora_adapters(pipe)
+    with enable_tlora(pipe, *inner, mode=mode) as block:
+        assert block.denoisers == ["transformer"]
+        torch.testing.assert_close(run(pipe, kw, SD3_LATENTS), expected[inner], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(pipe, kw, SD3_LATENTS), expected[outer], atol=1e-5, rtol=1e-5)
+    assert get_tlora_adapters(pipe) == adapters, "the same adapters, settings and mask groups as before the block"
+    with enable_tlora(pipe, *inner, mode=mode):
+        disable_tlora(pipe)
+        handle = enable_tlora(pipe, *inner, mode=mode)  # hooks enabled inside the block are the latest word
+    assert handle.denoisers == ["transformer"]
+    assert get_tlora_adapters(pipe)["transformer"]["default"].schedule.alpha == inner[2]
+
+
+def test_a_with_block_does_not_bring_back_hooks_of_an_adapter_unloaded_inside_it(tmp_path):
+    path, _ = _sd3_file_and_outputs(tmp_path, [])
+    pipe, kw = tiny.sd3(rank=None, steps=3)
+    plain = run(pipe, kw, SD3_LATENTS)
+    load_tlora(pipe, path)
+    with enable_tlora(pipe, max_rank=8):
+        unload_tlora(pipe)
+    assert installed_hook(pipe.transformer) is None and not applied_tlora_modules(pipe.transformer)
+    assert torch.equal(run(pipe, kw, SD3_LATENTS), plain)
+
+
+@pytest.mark.parametrize("mode", ["fold", "low_memory"])
+def test_deep_copying_a_hooked_denoiser_raises_and_a_copy_made_after_disabling_works(tmp_path, mode):
+    """The copy's hooks would act on the original's state, and the fold leaves a delta in the copied weights."""
+    schedule = (8, 2, 0.5)
+    path, expected = _sd3_file_and_outputs(tmp_path, [schedule])
+    pipe, kw = tiny.sd3(rank=None, steps=3)
+    load_tlora(pipe, path, min_rank=2, alpha=0.5, mode=mode)
+    run(pipe, kw, SD3_LATENTS)
+    for target in (pipe.transformer, pipe):
+        with pytest.raises(TLoRAError, match="copy.deepcopy of transformer while T-LoRA hooks are on it"):
+            copy.deepcopy(target)
+    torch.testing.assert_close(run(pipe, kw, SD3_LATENTS), expected[schedule], atol=1e-5, rtol=1e-5)
+    disable_tlora(pipe)  # what the message says: copy without the hooks, then enable each
+    copied = copy.deepcopy(pipe)
+    for each in (pipe, copied):
+        enable_tlora(each, *schedule, mode=mode)
+    for each in (copied, pipe):
+        torch.testing.assert_close(run(each, kw, SD3_LATENTS), expected[schedule], atol=1e-5, rtol=1e-5)
+    originals = set(map(id, applied_tlora_modules(pipe.transformer)))
+    assert originals and not originals & set(map(id, applied_tlora_modules(copied.transformer)))
+
+
 def test_plain_repeated_enables_still_replace_and_blocks_on_other_denoisers_are_independent():
     pipe, _ = tiny.wan("2.2_a14b")
     enable_tlora(pipe, max_rank=8)
@@ -149,4 +233,5 @@ def test_plain_repeated_enables_still_replace_and_blocks_on_other_denoisers_are_
         with enable_tlora(pipe, max_rank=8, min_rank=3, components=["transformer_2"]) as low:
             assert high.denoisers == ["transformer"] and low.denoisers == ["transformer_2"]
         assert high.denoisers == ["transformer"], "the inner block ended only its own denoiser's hooks"
-    assert STATE_ATTRIBUTE not in pipe.transformer.__dict__ and STATE_ATTRIBUTE not in pipe.transformer_2.__dict__
+    for denoiser in (pipe.transformer, pipe.transformer_2):  # each block put back the plain enable's hooks
+        assert installed_hook(denoiser).adapters["default"].schedule.alpha == 2.0 and installed_hook(denoiser).active

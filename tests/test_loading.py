@@ -433,6 +433,16 @@ def test_bad_input_changes_nothing(bad_files, baseline_outputs, sdxl, case, alre
     assert_same(before, snapshot(pipe, kw))
 
 
+def test_load_tlora_onto_fused_qkv_projections_is_refused_and_changes_nothing(bad_files, sdxl):
+    """The fused attention would run its to_qkv layer, not the layers the file's modules go on."""
+    pipe, kw = sdxl
+    pipe.fuse_qkv_projections(vae=False)
+    before = snapshot(pipe, kw)
+    with pytest.raises(TLoRAError, match=r"fused q/k/v projections.*Call unfuse_qkv_projections\(\)"):
+        load_tlora(pipe, bad_files["good"], min_rank=1)
+    assert_same(before, snapshot(pipe, kw))
+
+
 def test_unmatched_keys_warn_without_strict(bad_files, sdxl, caplog):
     pipe, _ = sdxl
     with caplog.at_level(logging.WARNING, logger="tlora_hooks"):
@@ -557,8 +567,80 @@ def test_with_load_tlora_unloads_at_the_end_and_cannot_be_nested(bad_files, sdxl
     assert not applied_tlora_modules(pipe.unet) and installed_hook(pipe.unet) is None
 
 
-# -- a PEFT LoRA already on the layers --------------------------------------------------------------------------------
 SD3_LATENTS = (1, 4, 4, 4)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float8_e4m3fn], ids=["int64_alpha", "fp8"])
+def test_files_lycoris_saves_load_as_lycoris_loads_them(tmp_path, dtype, capsys):
+    """`save_weights(path, None)` keeps LyCORIS's int `linear_alpha` as an int64 scalar; fp8 tensors have no
+    `isfinite` kernel. LyCORIS's `create_lycoris_from_weights` loads both files: so must load_tlora and inspect."""
+    trained, _ = tiny.sd3(rank=None)
+    path = tlora_files.simpletuner_file(tiny.add_tlora(trained.transformer, 8), tmp_path / "t.safetensors",
+                                        dtype=dtype, **SCHEDULE)
+    alphas = {tensor.dtype for key, tensor in load_file(path).items() if key.endswith(".alpha")}
+    assert alphas == {torch.int64 if dtype is None else dtype}, "the file LyCORIS wrote is the case under test"
+    reference, kw = tiny.sd3(rank=None, steps=3)
+    with lycoris_without_gc():
+        network, _ = create_lycoris_from_weights(1.0, path, reference.transformer)
+    network.apply_to()
+    with scheduler_state_masks(reference, (8, 2, 0.5)):
+        expected = run(reference, kw, shape=SD3_LATENTS)
+    pipe, kw = tiny.sd3(rank=None, steps=3)
+    plain = run(pipe, kw, shape=SD3_LATENTS)
+    load_tlora(pipe, path)
+    out = run(pipe, kw, shape=SD3_LATENTS)
+    assert not torch.equal(out, plain), "the T-LoRA applies"
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert main(["inspect", path]) == 0 and "damaged" not in capsys.readouterr().out
+
+
+# -- a PEFT LoRA already on the layers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["low_memory", "lycoris"])
+def test_pipe_to_float64_after_loading_casts_the_registered_modules_and_gives_lycoris_output(tmp_path, mode):
+    """The modules load_tlora registers under the denoiser follow `pipe.to(dtype)`: no dtype mismatch at the call."""
+    trained, _ = tiny.sd3(rank=None)
+    path = str(tmp_path / "sd3.safetensors")
+    save_trained(trained, trained.transformer, path, **SCHEDULE)
+    reference, kw = tiny.sd3(rank=None, steps=3)
+    with lycoris_without_gc():
+        network, _ = create_lycoris_from_weights(1.0, path, reference.transformer)
+    network.apply_to()
+    reference.to(torch.float64)
+    network.to(torch.float64)  # a network applied by hand is not part of the denoiser
+    kw64 = {key: value.double() if torch.is_tensor(value) else value for key, value in kw.items()}
+    with scheduler_state_masks(reference, (8, 2, 0.5), mask_dtype=torch.float64):
+        expected = run(reference, kw64, shape=SD3_LATENTS)
+    pipe, kw = tiny.sd3(rank=None, steps=3)
+    load_tlora(pipe, path, mode=mode)
+    run(pipe, kw, shape=SD3_LATENTS)  # enabled and run in float32 first
+    pipe.to(torch.float64)
+    assert {module.q_layer.weight.dtype for module in applied_tlora_modules(pipe.transformer)} == {torch.float64}
+    out = run(pipe, kw64, shape=SD3_LATENTS)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_load_tlora_onto_layers_of_a_fused_peft_lora_is_refused_and_changes_nothing(tmp_path):
+    """The file's base terms would be rebuilt from weights with the PEFT delta fused in, not the trained ones."""
+    trained, _ = tiny.sd3(rank=None)
+    path = str(tmp_path / "sd3.safetensors")
+    save_trained(trained, trained.transformer, path, **SCHEDULE)
+    pipe, kw = tiny.sd3(rank=None, steps=3)
+    pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
+    pipe.fuse_lora()
+    state = {name: tensor.clone() for name, tensor in pipe.transformer.state_dict().items()}
+    modules, fused = list(pipe.transformer.modules()), run(pipe, kw, shape=SD3_LATENTS)
+    with pytest.raises(TLoRAError, match=r"PEFT LoRA is fused into this layer.*unfuse_lora\(\) before load_tlora"):
+        load_tlora(pipe, path)
+    assert list(pipe.transformer.modules()) == modules and installed_hook(pipe.transformer) is None
+    after = pipe.transformer.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[name], state[name]) for name in state)
+    assert torch.equal(run(pipe, kw, shape=SD3_LATENTS), fused)
+    pipe.unfuse_lora()
+    load_tlora(pipe, path)  # what the message says to do
+    assert len(applied_tlora_modules(pipe.transformer)) == len(applied_tlora_modules(trained.transformer))
 
 
 @pytest.mark.parametrize("mode", ["lycoris", "low_memory", "fold", "auto"])

@@ -11,6 +11,7 @@ from .call_rank import CallRank
 from .conventions import TimestepFn, plan_timestep_reading
 from .discovery import components_of, find_denoisers, is_pipeline, scheduler_attribute, unrunnable_conv
 from .errors import TLoRAError
+from .fused_projections import FusedProjectionCheck
 from .hooks import (
     AdapterSettings,
     DenoiserHook,
@@ -50,7 +51,8 @@ def enable_tlora(
     One schedule masks every module of a denoiser: a denoiser holding several adapters that `load_tlora` or
     `create_tlora` put there, each with its own schedule, is an error (their hooks are `load_tlora`'s).
     Enabling again replaces the previous hooks, except those of an open `with enable_tlora(...)` block (a
-    TLoRAError: nested blocks are not a stack); a failed call leaves the pipeline as it was.
+    TLoRAError: nested blocks are not a stack); a `with` block puts the hooks it replaced back at its end. A failed
+    call leaves the pipeline as it was.
 
     Args:
         target: A Diffusers pipeline (a `DiffusionPipeline` or a Modular Diffusers `ModularPipeline`), or a bare
@@ -110,19 +112,19 @@ def hook_denoisers(
     replaced = components_of(target).values() if replace_all else [d for d, _ in found.values()]
     refuse_inside_open_block(replaced, "enable_tlora")
     for name, (denoiser, adapters) in found.items():
+        FusedProjectionCheck(name, denoiser, [m.org_module[0] for a in adapters for m in a.modules]).check()
         # Skipped where hooks are installed (on it, or on a denoiser it wraps): the fold mode and inactive adapters
         # take their modules out of the chain until removed.
         if not any(installed_hook(module) is not None for module in denoiser.modules()):
             modules = [module for adapter in adapters for module in adapter.modules]
             check_forward_path(modules, f"{name} ({type(denoiser).__name__})")
+    # The hooks replaced: with `replace_all` every component's, else these denoisers' (and hooks on a denoiser that a
+    # wrapper, xDiT's, now holds).
+    touched = [*replaced, *(module for denoiser, _ in found.values() for module in denoiser.modules())]
+    previous = {id(hook): hook for hook in map(installed_hook, touched) if hook is not None and hook.active}
     # Everything is validated: from here on the pipeline changes.
-    if replace_all:
-        disable_tlora(target)
-    for denoiser, _ in found.values():  # otherwise only these denoisers' hooks are replaced
-        for module in denoiser.modules():  # and hooks on a denoiser that a wrapper (xDiT's) now holds
-            previous = installed_hook(module)
-            if previous is not None:
-                previous.remove()
+    for hook in previous.values():
+        hook.remove()
     hooks = {}
     for name, (denoiser, adapters) in found.items():
         convention, reader = plans[name]
@@ -143,7 +145,7 @@ def hook_denoisers(
         "; ".join(sorted({describe(adapter) for _, adapters in found.values() for adapter in adapters})),
         ", ".join(sorted({hook.mode.name for hook in hooks.values()})),
     )
-    return TLoRAHandle(hooks)
+    return TLoRAHandle(hooks, replaced=previous.values())
 
 
 def check_hook_options(timestep_fn: Any, scheduler: Any) -> None:

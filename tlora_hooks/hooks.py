@@ -21,12 +21,13 @@ from .call_rank import CallRank, RankTable
 from .checkpointing import CheckpointWrappers
 from .discovery import applied_tlora_modules
 from .errors import TLoRAError
+from .fused_projections import FusedProjectionCheck
 from .modes import MaskMode, build_mode
 from .modes.chain import OutOfChain
 from .modes.lycoris import set_group_mask
 from .modes.per_sample import clear_sample_masks
 from .schedule import RankSchedule
-from .thread_guard import ThreadGuard
+from .thread_guard import ThreadGuard, hooked_copy_message
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
@@ -119,8 +120,12 @@ class DenoiserHook:
         self.adapters = {adapter.name: adapter for adapter in adapters}
         self.requested_mode = mode
         self.denoiser_ref = weakref.ref(denoiser)
-        self._build_mode(denoiser)
         self.guard = ThreadGuard(name)
+        self._install(denoiser)
+
+    def _install(self, denoiser: nn.Module) -> None:
+        """Build the mode and register the hooks on the denoiser."""
+        self._build_mode(denoiser)
         self.in_block = False  # owned by an open `with` block, which only its exit may end
         self.checkpoints = CheckpointWrappers(denoiser, self)
         self._handles = [
@@ -129,12 +134,16 @@ class DenoiserHook:
         ]
         # A block run while no call of this denoiser runs was reached around its hooks (an xDiT wrapper): raise.
         layers = [module.org_module[0] for module in applied_tlora_modules(denoiser)]
-        self._handles += BlockGuard(name, denoiser, layers, self.guard.running).handles
+        self._handles += BlockGuard(self.name, denoiser, layers, self.guard.running).handles
+        self.fused_check = FusedProjectionCheck(self.name, denoiser, layers)
         # A mask left set by an interrupted call must not outlive the denoiser in LyCORIS's global storage
         # (the finalizer holds the group number only, so the modules are freed with the denoiser).
-        groups = [adapter.group_id for adapter in adapters]
+        groups = [adapter.group_id for adapter in self.adapters.values()]
         self._finalizer = weakref.finalize(denoiser, clear_groups, groups)
         setattr(denoiser, STATE_ATTRIBUTE, self)
+
+    def __deepcopy__(self, memo: dict) -> DenoiserHook:
+        raise TLoRAError(hooked_copy_message(self.name))
 
     # -- the active adapters --------------------------------------------------------------------------------------
     def _build_mode(self, denoiser: nn.Module | None) -> None:
@@ -180,6 +189,7 @@ class DenoiserHook:
     # the layers as device data and recompiles nothing.
     @torch.compiler.disable
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.fused_check.check()  # fuse_qkv_projections() after enabling
         self.guard.claim()
         if not self.tables:  # no active adapter: nothing runs, nothing to mask
             return
@@ -210,6 +220,19 @@ class DenoiserHook:
     def active(self) -> bool:
         return bool(self._handles)
 
+    def reinstall(self) -> bool:
+        """Hook the denoiser again as before `remove()`: the end of a `with enable_tlora(...)` block that replaced
+        these hooks. Nothing happens (False) where the denoiser is gone, holds other hooks now, or no longer holds
+        every module of these adapters (unloaded or replaced meanwhile)."""
+        denoiser = self.denoiser_ref()
+        if self.active or denoiser is None or installed_hook(denoiser) is not None:
+            return False
+        applied = {id(module) for module in applied_tlora_modules(denoiser)}
+        if any(id(module) not in applied for adapter in self.adapters.values() for module in adapter.modules):
+            return False
+        self._install(denoiser)
+        return True
+
     def remove(self) -> None:
         """Unhook and give the modules back exactly as they were."""
         if not self._handles:
@@ -239,19 +262,21 @@ class TLoRAHandle:
     """What `enable_tlora` (and `load_tlora`) returns: a view of the hooks it installed, and the way to undo them.
 
     Usable as a context manager (`with enable_tlora(pipe) as handle:`), which removes the hooks on exit (and, for
-    `load_tlora`, unloads the adapter it loaded; the denoiser's other adapters keep their hooks). While the block is
+    `load_tlora`, unloads the adapter it loaded; the denoiser's other adapters keep their hooks), then puts back the
+    hooks its `enable_tlora` replaced (a plain `enable_tlora` or `load_tlora` before the block). While the block is
     open it owns those denoisers' hooks: enabling or loading on them again raises TLoRAError rather than leave the
-    rest of the block unmasked. It holds the hooks weakly, so a
-    handle that is kept does not keep a removed or replaced denoiser's hooks alive; a denoiser whose hooks a later
-    `enable_tlora` replaced drops out of it.
+    rest of the block unmasked. It holds its own hooks weakly, so a handle that is kept does not keep a removed or
+    replaced denoiser's hooks alive; a denoiser whose hooks a later `enable_tlora` replaced drops out of it.
 
     Args:
         hooks: The installed hook of each denoiser, by component name.
+        replaced: The hooks that installing these removed, put back at the end of a `with` block.
     """
 
-    def __init__(self, hooks: dict[str, DenoiserHook]) -> None:
+    def __init__(self, hooks: dict[str, DenoiserHook], replaced: Iterable[DenoiserHook] = ()) -> None:
         self._hooks = {name: weakref.ref(hook) for name, hook in hooks.items()}
         self._exit_actions: list[Callable[[], None]] = []
+        self._replaced = list(replaced)
 
     def _live(self) -> dict[str, DenoiserHook]:
         live = {name: ref() for name, ref in self._hooks.items()}
@@ -302,6 +327,9 @@ class TLoRAHandle:
         self.remove()
         while self._exit_actions:
             self._exit_actions.pop()()
+        replaced, self._replaced = self._replaced, []
+        for hook in replaced:  # else the modules of a plain enable or a load before the block would run unmasked
+            hook.reinstall()
 
     def __repr__(self) -> str:
         return f"TLoRAHandle(denoisers={self.denoisers}, mode={self.mode})"

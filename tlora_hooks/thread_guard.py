@@ -53,6 +53,9 @@ class ThreadGuard:
         with self._lock:
             return self._owner is not None and self._claim_is_live()
 
+    def __deepcopy__(self, memo: dict) -> ThreadGuard:
+        raise TLoRAError(hooked_copy_message(self.name))
+
     def reset(self) -> None:
         """Forget any owner (the hook was removed)."""
         self._owner, self._owner_call = None, None
@@ -70,6 +73,15 @@ class ThreadGuard:
                 return True
             frame = frame.f_back
         return False
+
+
+def hooked_copy_message(name: str) -> str:
+    """Why a denoiser cannot be deep-copied while hooked (its hooks reach this guard), and what to do instead."""
+    return (
+        f"copy.deepcopy of {name} while T-LoRA hooks are on it: the copy's hooks would act on the original's state "
+        "(and where the fold mode runs, its weights hold the delta of the last call). Copy it before load_tlora / "
+        "enable_tlora / create_tlora, or after disable_tlora (or unload_tlora), then enable or load on each copy."
+    )
 
 
 def _running_call_frame() -> Any:

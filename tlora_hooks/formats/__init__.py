@@ -15,6 +15,8 @@ from .state import BaseTerms, ModuleWeights, TLoraFile, TrainingSettings
 
 # Tried in order; each `detect(keys)` is exclusive of the others.
 READERS = (lycoris, controlgenai)
+# Scalars a file may hold as integers: LyCORIS's `save_weights(path, None, ...)` keeps an int `linear_alpha` as int64.
+INTEGER_SCALAR_SUFFIXES = (f".{lycoris.WEIGHT_KEYS['alpha']}",)
 # Key fragments of adapters that are not T-LoRAs, and what loads them.
 PLAIN_LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", ".hada_w1", ".lokr_w1", ".oft_")
 
@@ -76,18 +78,29 @@ def _check_values(tlora_file: TLoraFile, tensors: dict[str, torch.Tensor]) -> No
     skipped = set(tlora_file.unknown_keys) | set(tlora_file.unused_keys)
     used = [(key, tensor) for key, tensor in tensors.items() if key not in skipped]
     for key, tensor in used:
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() and not _integer_scalar(key, tensor):
             raise TLoRAError(
                 f"{tlora_file.path}: {key} holds {tensor.dtype} values; T-LoRA weights are floating point. "
                 "The file is damaged or not a T-LoRA."
             )
-    finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in used])
+    finite = torch.stack([torch.isfinite(_checkable(tensor)).all() for _, tensor in used])
     if not finite.all():
         key = used[int(finite.logical_not().nonzero()[0])][0]
         raise TLoRAError(
             f"{tlora_file.path}: {key} holds NaN or infinite values, which would make every output NaN. "
             "The training run diverged or the file is damaged; use an earlier checkpoint."
         )
+
+
+def _integer_scalar(key: str, tensor: torch.Tensor) -> bool:
+    """An integer (not bool) scalar under a key that may hold one, such as LyCORIS's int64 alpha."""
+    integer = not tensor.is_complex() and tensor.dtype != torch.bool
+    return integer and tensor.numel() == 1 and key.endswith(INTEGER_SCALAR_SUFFIXES)
+
+
+def _checkable(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in a dtype `torch.isfinite` takes: float8 has no kernel, so it is upcast (exactly)."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
 
 
 def _check_shapes(name: str, module: ModuleWeights) -> None:

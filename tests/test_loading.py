@@ -628,7 +628,7 @@ def test_load_tlora_onto_layers_of_a_fused_peft_lora_is_refused_and_changes_noth
     path = str(tmp_path / "sd3.safetensors")
     save_trained(trained, trained.transformer, path, **SCHEDULE)
     pipe, kw = tiny.sd3(rank=None, steps=3)
-    pipe.load_lora_weights(tiny_peft_lora(pipe.transformer), adapter_name="style")
+    pipe.load_lora_weights(tiny.peft_lora(pipe.transformer), adapter_name="style")
     pipe.fuse_lora()
     state = {name: tensor.clone() for name, tensor in pipe.transformer.state_dict().items()}
     modules, fused = list(pipe.transformer.modules()), run(pipe, kw, shape=SD3_LATENTS)

@@ -10,9 +10,12 @@ by its adapter's strength), so one pass folds them all; a stack holds layers wit
 weights a fused Triton kernel (`fold_kernel`) reads W0 and writes W once, where it times faster than `baddbmm`.
 
 Between calls the weights hold W0 + the last call's delta, so what others write into them must be noticed
-(`weight_watch.py`) before the next call overwrites it: `state_dict()` gives W0, `load_state_dict` writes onto W0
-and becomes the new W0, `pipe.to` is followed, a PEFT LoRA that wraps a folded layer moves it to the low-memory
-path (a fused PEFT delta stays in its weight), and any other write to a folded weight is a TLoRAError.
+(`weight_watch.py`) before anything reads W0 or overwrites the weights: before each call, in `state_dict()`, around
+each layer's `load_state_dict` and on removal (`FoldMode.sync`), so no call is needed in between. `state_dict()`
+gives W0, `load_state_dict` writes onto W0 and becomes the new W0, `pipe.to` is followed, a PEFT LoRA that wraps a
+folded layer moves it to the low-memory path (a fused PEFT delta stays in its weight), a write onto W0 becomes the
+new W0, and a write onto W0 + the delta is a TLoRAError at the next call (dropped with a warning on removal). A write
+through `.data` in place moves no version counter and is not seen.
 """
 
 from __future__ import annotations

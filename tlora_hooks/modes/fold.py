@@ -198,23 +198,7 @@ class FoldStack:
         moved = (first.device, first.dtype) != (self.device, self.dtype)
         written = [index for index in changed if self._written(index)]
         if written and self.folded_mask is not None:
-            names = [self.layer_modules[index][0].lora_name for index in written]
-            if not dropping:
-                raise TLoRAError(
-                    f"The weights of {len(names)} layers that T-LoRA mode 'fold' rewrites (e.g. {names[0]}) were "
-                    "written while they held W0 plus the T-LoRA delta of the last call (an in-place edit, an "
-                    "optimizer step, a new tensor), so the edit cannot be told apart from the delta, and the next "
-                    "call would overwrite it. Nothing ran. Call disable_tlora(pipe) (it puts back the base weights as "
-                    "they were before the edit), make the edit then, and enable T-LoRA again; or use "
-                    "mode='low_memory', which never writes the weights. load_state_dict, state_dict, pipe.to and "
-                    "PEFT's fuse_lora need none of this."
-                )
-            logger.warning(
-                "T-LoRA fold: the weights of %d layers (e.g. %s) were written while they held W0 plus the T-LoRA "
-                "delta of the last call, so the write cannot be told apart from the delta; they get back the base "
-                "weights from before it. Make such edits after disable_tlora / unload_tlora (or use "
-                "mode='low_memory', which never writes the weights).", len(names), names[0],
-            )
+            self._refuse_writes_onto_delta(written, dropping)
             written = []
         written_values = {index: weight_of(self.layers[index]).detach() for index in written}
         with torch.no_grad(), torch.inference_mode(False):
@@ -242,6 +226,27 @@ class FoldStack:
             logger.info("T-LoRA fold: took the weights of %d layers written since the last call as their new W0.",
                         len(written_values))
         return (first.device, first.dtype) if moved else None
+
+    def _refuse_writes_onto_delta(self, written: list[int], dropping: bool) -> None:
+        """Writes onto W0 + the last call's delta cannot be told apart from the delta: raise before a call; where
+        the fold is being removed, say that `restore` gives back W0 from before them."""
+        names = [self.layer_modules[index][0].lora_name for index in written]
+        if not dropping:
+            raise TLoRAError(
+                f"The weights of {len(names)} layers that T-LoRA mode 'fold' rewrites (e.g. {names[0]}) were "
+                "written while they held W0 plus the T-LoRA delta of the last call (an in-place edit, an "
+                "optimizer step, a new tensor), so the edit cannot be told apart from the delta, and the next "
+                "call would overwrite it. Nothing ran or changed. Call disable_tlora(pipe) (it puts back the base "
+                "weights as they were before the edit), make the edit then, and enable T-LoRA again; or use "
+                "mode='low_memory', which never writes the weights. load_state_dict, state_dict, pipe.to and "
+                "PEFT's fuse_lora need none of this."
+            )
+        logger.warning(
+            "T-LoRA fold: the weights of %d layers (e.g. %s) were written while they held W0 plus the T-LoRA "
+            "delta of the last call, so the write cannot be told apart from the delta; they get back the base "
+            "weights from before it. Make such edits after disable_tlora / unload_tlora (or use "
+            "mode='low_memory', which never writes the weights).", len(names), names[0],
+        )
 
     def _written(self, index: int) -> bool:
         """Written in place or replaced, or given other values where it was (`weight.data = other`): not just moved

@@ -10,9 +10,12 @@ by its adapter's strength), so one pass folds them all; a stack holds layers wit
 weights a fused Triton kernel (`fold_kernel`) reads W0 and writes W once, where it times faster than `baddbmm`.
 
 Between calls the weights hold W0 + the last call's delta, so what others write into them must be noticed
-(`weight_watch.py`) before the next call overwrites it: `state_dict()` gives W0, `load_state_dict` writes onto W0
-and becomes the new W0, `pipe.to` is followed, a PEFT LoRA that wraps a folded layer moves it to the low-memory
-path (a fused PEFT delta stays in its weight), and any other write to a folded weight is a TLoRAError.
+(`weight_watch.py`) before anything reads W0 or overwrites the weights: before each call, in `state_dict()`, around
+each layer's `load_state_dict` and on removal (`FoldMode.sync`), so no call is needed in between. `state_dict()`
+gives W0, `load_state_dict` writes onto W0 and becomes the new W0, `pipe.to` is followed, a PEFT LoRA that wraps a
+folded layer moves it to the low-memory path (a fused PEFT delta stays in its weight), a write onto W0 becomes the
+new W0, and a write onto W0 + the delta is a TLoRAError at the next call (dropped with a warning on removal). A write
+through `.data` in place moves no version counter and is not seen.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .low_memory import LowMemoryMode
 from .protocol import GroupMasks, GroupModules, by_group, group_of
 from .stacked import StackedMode
 from .training import TrainingRoute
-from .weight_watch import WeightWatch, plain_float, storage_pointer, weight_of
+from .weight_watch import WeightWatch, plain_float, restorable, storage_pointer, weight_of
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
@@ -72,7 +75,6 @@ class FoldStack:
         self.trains_base = False  # training calls run the layers' own weights (see `enter_training`)
         with torch.no_grad(), torch.inference_mode(False):
             self._adopt(torch.stack([layer.weight.detach() for layer in self.layers]))
-        self._state_hooks = [handle for index in range(len(self.layers)) for handle in self._watch_state(index)]
 
     def _adopt(self, stacked: torch.Tensor) -> None:
         """Point every layer's weight at a slice of `stacked` (a fresh stack of the unmodified weights); keep W0.
@@ -168,58 +170,106 @@ class FoldStack:
         self.folded_mask = None
 
     # -- writes from outside ------------------------------------------------------------------------
-    def take_outside_writes(self, skip: frozenset[int] = frozenset()) -> None:
-        """Before folding over the weights: keep what others wrote into them since the last call, exactly, or
-        refuse it. Moved weights (`pipe.to`) are followed; writes onto W0 (after `unfold`) become the new W0.
+    def take_outside_writes(
+        self, skip: frozenset[int] = frozenset(), dropping: bool = False
+    ) -> tuple[torch.device, torch.dtype] | None:
+        """Keep what others wrote into the weights since the fold last looked, exactly, or refuse it. Moved weights
+        (`pipe.to`) are followed; writes onto W0 (after `unfold`) become the new W0; a write onto W0 + the last
+        call's delta cannot be told apart from the delta: a TLoRAError, or where the fold is being removed
+        (`dropping`) a warning, and `restore` then puts back W0 as it was before the write.
 
         Args:
             skip: ids of layers whose writes the caller handles (PEFT's fused layers).
+            dropping: The fold is being removed: warn instead of raising.
+
+        Returns:
+            The device and dtype the weights moved to, where they moved.
         """
         changed = [index for index in self.watch.changed() if id(self.layers[index]) not in skip]
         if not changed:
-            return
-        relinked = [index for index in changed if self._moved_back(index)]
-        changed = [index for index in changed if index not in relinked]
-        if not changed:
+            return None
+        changed = [index for index in changed if not self._moved_back(index)]
+        first = weight_of(self.layers[changed[0]]) if changed else None
+        if first is None or not plain_float(first):
+            if first is not None and not dropping:
+                raise self._unwritable(first)
             self.watch.remember()
-            return
-        first = weight_of(self.layers[changed[0]])
-        if not plain_float(first):
-            held = "W0 plus the T-LoRA delta of the last call" if self.folded_mask is not None else "W0"
-            raise TLoRAError(
-                f"The weights T-LoRA mode 'fold' rewrites were offloaded or quantized after enable_tlora "
-                f"({type(first).__name__}, {getattr(first, 'device', None)}, {getattr(first, 'dtype', None)}) while "
-                f"they held {held}. Set up offloading or quantization first, from the base weights, then enable "
-                "T-LoRA: mode='auto' then picks 'low_memory', which never touches the weights."
-            )
-        if (first.device, first.dtype) != (self.device, self.dtype):
-            self._follow_moved(first)
-            return
-        if self.folded_mask is not None:
-            names = [self.layer_modules[index][0].lora_name for index in changed]
-            raise TLoRAError(
-                f"The weights of {len(names)} layers that T-LoRA mode 'fold' rewrites (e.g. {names[0]}) were written "
-                "while they held W0 plus the T-LoRA delta of the last call (an in-place edit, an optimizer step, a "
-                "new tensor), so the edit cannot be told apart from the delta, and the next call would overwrite it. "
-                "Nothing ran. Call disable_tlora(pipe) (it puts back the base weights as they were before the edit), "
-                "make the edit then, and enable T-LoRA again; or use mode='low_memory', which never writes the "
-                "weights. load_state_dict, state_dict, pipe.to and PEFT's fuse_lora need none of this."
-            )
+            return None
+        moved = (first.device, first.dtype) != (self.device, self.dtype)
+        written = [index for index in changed if self._written(index)]
+        if written and self.folded_mask is not None:
+            self._refuse_writes_onto_delta(written, dropping)
+            written = []
+        written_values = {index: weight_of(self.layers[index]).detach() for index in written}
         with torch.no_grad(), torch.inference_mode(False):
-            for index in changed:
-                weight = weight_of(self.layers[index])
-                if weight.shape != self.weights[index].shape:
-                    raise TLoRAError(
-                        f"The weight of {self.layer_modules[index][0].lora_name} was replaced by one of shape "
-                        f"{tuple(weight.shape)}; its T-LoRA was built for {tuple(self.weights[index].shape)}."
-                    )
+            for index, weight in list(written_values.items()):
+                if weight.shape == self.weights[index].shape:
+                    continue
+                if dropping:
+                    del written_values[index]
+                    continue
+                raise TLoRAError(
+                    f"The weight of {self.layer_modules[index][0].lora_name} was replaced by one of shape "
+                    f"{tuple(weight.shape)}; its T-LoRA was built for {tuple(self.weights[index].shape)}, and mode "
+                    "'fold' writes whole weights. Sharded or flattened parameters (FSDP1's flat parameters) cannot be "
+                    "folded: enable T-LoRA with mode='low_memory', which never writes the weights."
+                )
+            if moved:  # W0 follows the weights (from the copy: exact, not W0 + the delta converted)
+                self._adopt(self.base.to(first.device, first.dtype, copy=True))
+            for index, weight in written_values.items():
                 if storage_pointer(weight) != self.weights[index].data_ptr():  # a new tensor: bring it into the stack
-                    self.weights[index].copy_(weight.detach())
-                    weight.data = self.weights[index]
+                    self.weights[index].copy_(weight)
+                    weight_of(self.layers[index]).data = self.weights[index]
                 self.base[index].copy_(self.weights[index])
         self.watch.remember()
-        logger.info("T-LoRA fold: took the weights of %d layers written since the last call as their new W0.",
-                    len(changed))
+        if written_values:
+            logger.info("T-LoRA fold: took the weights of %d layers written since the last call as their new W0.",
+                        len(written_values))
+        return (first.device, first.dtype) if moved else None
+
+    def _refuse_writes_onto_delta(self, written: list[int], dropping: bool) -> None:
+        """Writes onto W0 + the last call's delta cannot be told apart from the delta: raise before a call; where
+        the fold is being removed, say that `restore` gives back W0 from before them."""
+        names = [self.layer_modules[index][0].lora_name for index in written]
+        if not dropping:
+            raise TLoRAError(
+                f"The weights of {len(names)} layers that T-LoRA mode 'fold' rewrites (e.g. {names[0]}) were "
+                "written while they held W0 plus the T-LoRA delta of the last call (an in-place edit, an "
+                "optimizer step, a new tensor), so the edit cannot be told apart from the delta, and the next "
+                "call would overwrite it. Nothing ran or changed. Call disable_tlora(pipe) (it puts back the base "
+                "weights as they were before the edit), make the edit then, and enable T-LoRA again; or use "
+                "mode='low_memory', which never writes the weights. load_state_dict, state_dict, pipe.to and "
+                "PEFT's fuse_lora need none of this."
+            )
+        logger.warning(
+            "T-LoRA fold: the weights of %d layers (e.g. %s) were written while they held W0 plus the T-LoRA "
+            "delta of the last call, so the write cannot be told apart from the delta; they get back the base "
+            "weights from before it. Make such edits after disable_tlora / unload_tlora (or use "
+            "mode='low_memory', which never writes the weights).", len(names), names[0],
+        )
+
+    def _written(self, index: int) -> bool:
+        """Written in place or replaced, or given other values where it was (`weight.data = other`): not just moved
+        (the same Parameter and version, in another place or dtype)."""
+        weight = weight_of(self.layers[index])
+        return self.watch.written_at(index) or (weight.device, weight.dtype) == (self.device, self.dtype)
+
+    def _unwritable(self, weight) -> TLoRAError:
+        """The error for weights the fold can no longer write (converted to another dtype, offloaded, quantized)."""
+        held = "W0 plus the T-LoRA delta of the last call" if self.folded_mask is not None else "W0"
+        if restorable(weight):
+            return TLoRAError(
+                f"The weights T-LoRA mode 'fold' rewrites were converted to {weight.dtype} after enable_tlora; the "
+                "fold writes float32, bfloat16 and float16 weights only. Nothing ran. Call disable_tlora(pipe) (it "
+                f"gives the layers their base weights, converted), then enable T-LoRA again: {weight.dtype} layers "
+                "run beside their weights ('low_memory'), or use mode='lycoris'."
+            )
+        return TLoRAError(
+            f"The weights T-LoRA mode 'fold' rewrites were offloaded or quantized after enable_tlora "
+            f"({type(weight).__name__}, {getattr(weight, 'device', None)}, {getattr(weight, 'dtype', None)}) while "
+            f"they held {held}. Set up offloading or quantization first, from the base weights, then enable "
+            "T-LoRA: mode='auto' then picks 'low_memory', which never touches the weights."
+        )
 
     def _moved_back(self, index: int) -> bool:
         """The layer was given a new tensor holding exactly what its slice of the stack holds (accelerate's model
@@ -234,15 +284,6 @@ class FoldStack:
             return False
         weight.data = target
         return True
-
-    def _follow_moved(self, first: torch.Tensor) -> None:
-        """`pipe.to(...)` after enabling gives the layers new tensors: move W0 and the factors after them."""
-        logger.warning(
-            "T-LoRA fold: the folded weights moved to %s/%s after enable_tlora; moving their originals after them. "
-            "Enable T-LoRA after pipe.to(...) to avoid this copy.", first.device, first.dtype,
-        )
-        with torch.no_grad(), torch.inference_mode(False):
-            self._adopt(self.base.to(first.device, first.dtype, copy=True))
 
     def keep_fused_peft(self, wrappers: dict[int, nn.Module]) -> None:
         """A PEFT LoRA fused into a folded layer added its delta through `.data`, which bumps no version counter:
@@ -266,37 +307,12 @@ class FoldStack:
             return torch.addmm(self.base[index], b * mask, a)
         return torch.addmm(self.base[index], b, a * mask[:, None])
 
-    def _watch_state(self, index: int) -> list:
-        """`state_dict()` gives W0 (not W0 + the last call's delta: `save_pretrained` saves the base), and
-        `load_state_dict` writes onto W0, so what it loads becomes the new W0 exactly."""
-        layer = self.layers[index]
-
-        def give_base(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-            if self.watch.changed_at(index):
-                self.take_outside_writes()
-            key = prefix + "weight"
-            if isinstance(state_dict.get(key), nn.Parameter):
-                self.unfold()  # keep_vars=True hands out the Parameter itself
-            elif key in state_dict:
-                state_dict[key] = self.base[index]
-
-        def load_onto_base(*args) -> None:
-            self.take_outside_writes()
-            self.unfold()
-
-        return [
-            layer.register_state_dict_post_hook(give_base),
-            layer.register_load_state_dict_pre_hook(load_onto_base),
-        ]
-
     def restore(self) -> None:
         """Give every layer its original weight back, bit for bit, in its own storage (peak: one extra stack).
 
         A weight since replaced by an offloaded or quantized one is left as it is: it cannot take W0 back.
         """
-        for handle in self._state_hooks:
-            handle.remove()
-        layers = [(layer, original) for layer, original in zip(self.layers, self.base) if plain_float(layer.weight)]
+        layers = [(layer, original) for layer, original in zip(self.layers, self.base) if restorable(layer.weight)]
         for layer, original in layers:
             if layer.weight.device == original.device and layer.weight.dtype == original.dtype:
                 layer.weight.data = original  # drop the view of the folded stack first
@@ -311,20 +327,25 @@ class FoldMode(StackedMode):
     """Folds the masked delta into the weights once per denoiser call; the layers then run at plain speed.
 
     Extra memory: one copy of every folded weight, plus the stacked factors. Layers a PEFT LoRA wraps after
-    enabling leave the fold for the low-memory path at the next call (`evicted`), where fusing and unfusing that
-    LoRA write the layer's own weight.
+    enabling leave the fold for the low-memory path (`evicted`), where fusing and unfusing that LoRA write the
+    layer's own weight. What others did to the weights is taken in (`sync`) before every call, and also before
+    `state_dict`, after each layer's `load_state_dict` and on removal, so nothing depends on a call coming between.
     """
 
     def __init__(self, groups: GroupModules, denoiser: nn.Module | None = None) -> None:
         self.group_of = group_of(groups)
         self.links: list[ChainLink] = []
         self.stacks: list[FoldStack] = []
+        self.placement: dict[int, tuple[FoldStack, int]] = {}  # id of a folded layer -> (its stack, its index)
         self.evicted: LowMemoryMode | None = None
         self.denoiser_ref: Callable[[], nn.Module | None] = (
             weakref.ref(denoiser) if denoiser is not None else lambda: None
         )
         self.peft_adapters = self._peft_adapters()
         self._fold([module for modules in groups.values() for module in modules])
+        # On every layer folded now, kept while the mode lives (a layer PEFT takes later keeps them, harmlessly).
+        self._state_hooks = [handle for stack in self.stacks for layer in stack.layers for handle in
+                             self._watch_state(layer)]
 
     def _fold(self, modules: list[TLoraModule]) -> None:
         try:
@@ -343,8 +364,11 @@ class FoldMode(StackedMode):
             for (*_, signature), members in by_key.items():
                 self.stacks.append(FoldStack(members, signature))
         except BaseException:
-            self.remove()
+            self._unfold_all()
             raise
+        self.placement = {
+            id(layer): (stack, index) for stack in self.stacks for index, layer in enumerate(stack.layers)
+        }
         logger.debug(
             "T-LoRA fold: %d layers in %d stacks (%d by the fused kernel), %.2f GiB extra.",
             len(modules), len(self.stacks), sum(stack.fused is not None for stack in self.stacks),
@@ -369,10 +393,9 @@ class FoldMode(StackedMode):
     def set_masks(self, masks: GroupMasks) -> None:
         stacked: dict[tuple, torch.Tensor] = {}
         self._refuse_group_offloading()
+        self.sync()
         with torch.no_grad():
-            self._follow_peft()
             for stack in self.stacks:
-                stack.take_outside_writes()
                 key = (stack.signature, stack.device, stack.dtype)
                 if key not in stacked:  # one small mask per kind of stack and call, none per layer
                     stacked[key] = signature_mask(masks, stack.signature).to(stack.device, stack.dtype)
@@ -380,6 +403,64 @@ class FoldMode(StackedMode):
         if self.evicted is not None:
             dtype = self.evicted.mask_dtype
             self.evicted.set_masks({group: mask.to(dtype) for group, mask in masks.items()})
+
+    def sync(self, stacks: list[FoldStack] | None = None, dropping: bool = False) -> None:
+        """Take in what others did to the weights since the fold last looked: a PEFT LoRA loaded or swapped (its
+        layers leave the fold), writes and moves (`FoldStack.take_outside_writes`).
+
+        Args:
+            stacks: Only these stacks' writes (a state-dict hook on one layer); None: every stack.
+            dropping: The fold is being removed: warn about writes it cannot keep instead of raising.
+        """
+        with torch.no_grad():
+            self._follow_peft(dropping)
+            moved = {stack.take_outside_writes(dropping=dropping) for stack in
+                     (self.stacks if stacks is None else [s for s in stacks if s in self.stacks])}
+        moved.discard(None)
+        if moved and not dropping:
+            device, dtype = next(iter(moved))
+            logger.warning(
+                "T-LoRA fold: the denoiser's weights moved to %s/%s after enable_tlora; the fold's copy of the base "
+                "weights and its factors followed them (a one-off copy, which pipe.to(...) before enabling avoids).",
+                device, dtype,
+            )
+
+    def _watch_state(self, layer: nn.Module) -> list:
+        """`state_dict()` gives W0 (not W0 + the last call's delta: `save_pretrained` saves the base), and
+        `load_state_dict` writes onto W0, so what it loads becomes the new W0 exactly, as soon as it is loaded."""
+
+        def placed() -> tuple[FoldStack, int] | tuple[None, None]:
+            return self.placement.get(id(layer), (None, None))
+
+        def give_base(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+            stack, index = placed()
+            self.sync([stack] if stack is not None else [])
+            stack, index = placed()  # a PEFT LoRA may have taken the layer out of the fold just now
+            key = prefix + "weight"
+            if key not in state_dict:
+                return
+            if isinstance(state_dict[key], nn.Parameter):  # keep_vars=True hands out the Parameter itself
+                if stack is not None:
+                    stack.unfold()
+            else:
+                state_dict[key] = stack.base[index] if stack is not None else layer.weight.detach()
+
+        def load_onto_base(*args) -> None:
+            stack, _ = placed()
+            self.sync([stack] if stack is not None else [])
+            stack, _ = placed()
+            if stack is not None:
+                stack.unfold()
+
+        def adopt_loaded(*args) -> None:
+            stack, _ = placed()
+            self.sync([stack] if stack is not None else [])
+
+        return [
+            layer.register_state_dict_post_hook(give_base),
+            layer.register_load_state_dict_pre_hook(load_onto_base),
+            layer.register_load_state_dict_post_hook(adopt_loaded),
+        ]
 
     def clear_masks(self) -> None:
         """Nothing to fold back: the next call refolds, and `remove()` restores W0."""
@@ -404,16 +485,22 @@ class FoldMode(StackedMode):
         )
 
     # -- PEFT LoRAs loaded after enabling -----------------------------------------------------------
-    def _peft_adapters(self) -> tuple[str, ...]:
-        """The PEFT adapters diffusers has loaded into the denoiser (`load_lora_weights`), by name."""
+    def _peft_adapters(self) -> tuple[tuple[str, object], ...]:
+        """The PEFT adapters diffusers has loaded into the denoiser (`load_lora_weights`): (name, config) pairs."""
         denoiser = self.denoiser_ref()
         config = denoiser.__dict__.get("peft_config") if denoiser is not None else None
-        return tuple(config) if isinstance(config, dict) else ()
+        return tuple(config.items()) if isinstance(config, dict) else ()
 
-    def _follow_peft(self) -> None:
-        """Once per change of the loaded PEFT adapters: folded layers PEFT now wraps go to the low-memory path."""
+    def _follow_peft(self, dropping: bool = False) -> None:
+        """Once per change of the loaded PEFT adapters: folded layers PEFT now wraps go to the low-memory path.
+
+        A change is a new config object, not only a new name: diffusers names the next LoRA `default_0` again
+        after `unload_lora_weights`."""
         adapters = self._peft_adapters()
-        if adapters == self.peft_adapters:
+        if len(adapters) == len(self.peft_adapters) and all(
+            name == seen_name and config is seen_config
+            for (name, config), (seen_name, seen_config) in zip(adapters, self.peft_adapters)
+        ):
             return
         self.peft_adapters = adapters
         wrappers = peft_wrapped_layers(self.denoiser_ref())
@@ -421,11 +508,13 @@ class FoldMode(StackedMode):
         if not leaving:
             return
         for stack in self.stacks:
-            stack.take_outside_writes(skip=frozenset(wrappers))
+            stack.take_outside_writes(skip=frozenset(wrappers), dropping=dropping)
             stack.keep_fused_peft(wrappers)
         staying = [module for module in self.modules if id(base_layer(module)) not in wrappers]
         evicted = leaving + (self.evicted.modules if self.evicted is not None else [])
-        self.remove()
+        self._unfold_all()
+        if self.evicted is not None:
+            self.evicted.remove()
         self._fold(staying)
         self.evicted = LowMemoryMode(by_group(evicted, self.group_of))
         logger.info("T-LoRA fold: a PEFT LoRA wraps %d folded layers; they now run beside their weights "
@@ -440,10 +529,7 @@ class FoldMode(StackedMode):
     def training_routes(self) -> list[TrainingRoute]:
         """Training calls reach the folded layers' modules again and compute with W0, not the folded weights."""
         self._refuse_group_offloading()
-        with torch.no_grad():
-            self._follow_peft()
-            for stack in self.stacks:
-                stack.take_outside_writes()
+        self.sync()
         links = {id(link.module): link for link in self.links}
         routes = self.evicted.training_routes() if self.evicted is not None else []
         for stack in self.stacks:
@@ -465,12 +551,21 @@ class FoldMode(StackedMode):
             self.evicted.leave_training()
 
     def remove(self) -> None:
+        """Give the layers their base weights, with what others wrote since the last call taken in."""
+        self.sync(dropping=True)
+        while self._state_hooks:
+            self._state_hooks.pop().remove()
+        self._unfold_all()
+        if self.evicted is not None:
+            self.evicted.remove()
+            self.evicted = None
+
+    def _unfold_all(self) -> None:
+        """Every stack's layers get their weights back, and LyCORIS its chains."""
         with torch.no_grad():
             for stack in self.stacks:
                 stack.restore()
         while self.links:  # the reverse of the unlinking order, which gives back LyCORIS's chains exactly
             self.links.pop().relink()
         self.stacks = []
-        if self.evicted is not None:
-            self.evicted.remove()
-            self.evicted = None
+        self.placement = {}

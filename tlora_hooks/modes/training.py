@@ -5,15 +5,17 @@ On a training call every module is routed through LyCORIS's forward into `PerSam
 with their original weight W0, never with the folded weights: from the fold's copy, which nothing writes in place,
 so autograd's saved tensors stay valid (where the base weights train too, from their own weights set to W0).
 The routing is switched when calls alternate between training and inference (validation), not on every call, so the
-per-call cost of either kind stays where it was. The fast modes' factors snapshot the T-LoRA parameters; once a
-training call has run, every inference call compares the parameters' version counters (bumped by every in-place
-update: `optimizer.step()`, `load_state_dict`) with those of the snapshot and rebuilds the factors when they moved.
+per-call cost of either kind stays where it was. The fast modes' factors snapshot the T-LoRA parameters; every
+inference call compares the parameters' version counters (bumped by every in-place update: `optimizer.step()`,
+`load_state_dict` such as accelerate's `load_state` on resume, `copy_` under no_grad) with those of the snapshot and
+rebuilds the factors when they moved. A write through `.data` bumps nothing and is not seen.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -31,6 +33,8 @@ from .protocol import GroupMasks
 
 if TYPE_CHECKING:
     from lycoris.modules.tlora import TLoraModule
+
+_version = attrgetter("_version")
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,6 @@ class TrainingMode:
         self.groups = groups
         self.parameters = tlora_parameters(modules)
         self._routes: list[InstalledRoute] = []
-        self._trained = False
         self._versions = self._parameter_versions()
 
     # -- what the hooks and the handle read ----------------------------------------------------------------------
@@ -105,18 +108,17 @@ class TrainingMode:
 
     # -- per call ------------------------------------------------------------------------------------------------
     def set_masks(self, masks: GroupMasks) -> None:
-        """An inference call: the fast mode, with factors rebuilt where training changed the parameters."""
+        """An inference call: the fast mode, with factors rebuilt where the parameters changed since they were read
+        (training, a resumed checkpoint)."""
         if self._routes:
             self._leave_training()
-        if self._trained:
-            self._refresh_if_changed()
+        self._refresh_if_changed()
         self.inner.set_masks(masks)
 
     def set_sample_masks(self, masks: GroupMasks) -> None:
         """A training call: every module masks each sample by the rank its own adapter gives it."""
         if not self._routes:
             self._enter_training()
-        self._trained = True
         for group, group_masks in masks.items():
             set_sample_masks(SampleMasks(group_masks), group)
 
@@ -179,7 +181,7 @@ class TrainingMode:
         ]
 
     def _parameter_versions(self) -> tuple[int, ...]:
-        return tuple(parameter._version for parameter in self.parameters)
+        return tuple(map(_version, self.parameters))
 
     def _refresh_if_changed(self) -> None:
         versions = self._parameter_versions()

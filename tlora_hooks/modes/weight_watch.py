@@ -1,10 +1,11 @@
 """Noticing that someone else wrote a layer's weight: what the fold checks before every call, cheaply.
 
 A write through the Parameter (`load_state_dict`, an optimizer step, `weight.mul_()` under no_grad) bumps its
-version counter; `weight.data = ...` (`pipe.to`, PEFT's safe merge) changes its storage; `layer.weight = ...`
-(`load_state_dict(assign=True)`, quantization) replaces the Parameter, with its own storage. Two integer
-comparisons per layer per call, no device work. A write through `.data` in place (PEFT's default merge) bumps
-nothing: the fold learns of PEFT from the denoiser's `peft_config` instead.
+version counter; `weight.data = ...` (`pipe.to`, PEFT's safe merge) changes its storage and keeps the version;
+`layer.weight = ...` (`load_state_dict(assign=True)`, quantization) replaces the Parameter, with its own storage. So
+a moved weight (new storage, same Parameter and version) is told apart from a written one. Two integer comparisons
+per layer per call, no device work. A write through `.data` in place (PEFT's default merge, diffusers'
+`EMAModel.copy_to`) bumps nothing and cannot be seen: the fold learns of PEFT from the denoiser's `peft_config`.
 """
 
 from __future__ import annotations
@@ -32,14 +33,20 @@ def storage_pointer(weight) -> int | None:
         return None
 
 
-def plain_float(weight) -> bool:
-    """A weight the fold can write: a plain (not quantized, not meta) floating-point tensor."""
+def restorable(weight) -> bool:
+    """A weight that can take W0 back: a plain (not quantized, not meta, not fp8) floating-point tensor, float64
+    (`pipe.to(torch.float64)`) included."""
     return (
         isinstance(weight, torch.Tensor)
         and type(weight.detach()) is torch.Tensor
         and weight.device.type != "meta"
-        and weight.dtype in FLOAT_WEIGHTS
+        and weight.dtype in (*FLOAT_WEIGHTS, torch.float64)
     )
+
+
+def plain_float(weight) -> bool:
+    """A weight the fold can write: a restorable one in a dtype the fold folds."""
+    return restorable(weight) and weight.dtype in FLOAT_WEIGHTS
 
 
 def _pointers(params: list) -> list[int | None]:
@@ -70,6 +77,11 @@ class WeightWatch:
         if list(map(_version, params)) == self.versions and _pointers(params) == self.pointers:
             return []
         return [index for index in range(len(self.layers)) if self.changed_at(index)]
+
+    def written_at(self, index: int) -> bool:
+        """Whether the layer's weight was written in place or replaced since `remember()` (not merely moved)."""
+        param = weight_of(self.layers[index])
+        return param is not self.params[index] or param._version != self.versions[index]
 
     def changed_at(self, index: int) -> bool:
         param = weight_of(self.layers[index])

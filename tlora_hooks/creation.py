@@ -129,7 +129,8 @@ def create_tlora(
 
     Returns:
         The applied LyCORIS `LycorisNetwork` (`network.loras`, `network.parameters()`,
-        `network.prepare_optimizer_params(lr)`); do not call its `apply_to()` again. Save it with `save_tlora`.
+        `network.prepare_optimizer_params(lr)`); its `apply_to()` does nothing (it is applied). Save it with
+        `save_tlora`.
     """
     if mode is not None:
         check_mode(mode)

@@ -199,7 +199,7 @@ class Trained:
 
     pipeline: Any
     network: Any
-    path: str
+    path: str | None  # None on the processes other than the main one
 
 
 def train(args: argparse.Namespace) -> Trained:
@@ -252,10 +252,11 @@ def train(args: argparse.Namespace) -> Trained:
             break
 
     accelerator.wait_for_everyone()
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = save_tlora(network, os.path.join(args.output_dir, "pytorch_lora_weights.safetensors"))
-    if accelerator.is_main_process:  # `pipe` holds the trained denoiser itself, unwrapped
-        validate(pipe, embeds, config, args)
+    path = None
+    if accelerator.is_main_process:  # one process writes the file and the images, as diffusers' scripts do
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = save_tlora(network, os.path.join(args.output_dir, "pytorch_lora_weights.safetensors"))
+        validate(pipe, embeds, config, args)  # `pipe` holds the trained denoiser itself, unwrapped
     accelerator.end_training()
     return Trained(pipe, network, path)
 

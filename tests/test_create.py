@@ -3,20 +3,25 @@ presets reported, LyCORIS's class state left alone, and every failure leaving th
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import re
 
 import pytest
 import torch
 from lycoris import LycorisNetwork, create_lycoris
 
+import test_families as families
 import tiny
-from compat_tools import layer_state, run
+from compat_tools import expected_ranks, layer_state, run
+from conftest import lycoris_rank
 from devtools.lycoris_build import lycoris_without_gc
 from tlora_hooks import TLoRAError, create_tlora, load_tlora, unload_tlora
 from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import installed_hook
-from tlora_hooks.presets import DEFAULT_TARGETS, PRESET_ATTRIBUTES
+from tlora_hooks.modes.per_sample import get_sample_masks
+from tlora_hooks.presets import DEFAULT_EXCLUDES, DEFAULT_TARGETS, PRESET_ATTRIBUTES
 
 # SimpleTuner's T-LoRA doc, `config/lycoris_tlora.json`, as written there.
 SEED_CONFIG = {
@@ -141,6 +146,16 @@ def test_a_preset_that_matches_part_warns_with_the_family_classes(caplog):
     assert network.loras and all("_ff" in m.lora_name for m in network.loras)
 
 
+def test_only_the_presets_own_targets_are_reported(caplog):
+    """A preset without `target_module` keeps LyCORIS's default classes (Linear, Conv1d, Conv3d, ...): a warning names
+    what the preset itself names and matched nothing, never those defaults."""
+    preset = {"target_name": ["down_blocks.1.*", "nonexistent.*"], "use_fnmatch": True}
+    with caplog.at_level(logging.WARNING, logger="tlora_hooks.presets"):
+        create_tlora(tiny.unet(), config(4, apply_preset=preset))
+    (record,) = [record for record in ours(caplog) if record.name == "tlora_hooks.presets"]
+    assert "['nonexistent.*']" in record.getMessage(), record.getMessage()
+
+
 def test_a_preset_that_matches_nothing_is_an_error():
     pipe, kw = tiny.flux(rank=None)
     before = run(pipe, kw, latents((1, 4, 4)).bfloat16())
@@ -183,6 +198,106 @@ def test_default_targets_build_on_every_family(family, caplog):
     for target in DEFAULT_TARGETS[FAMILIES[family]]:
         blocks = [block for block in denoiser.modules() if type(block).__name__ == target]
         assert any(id(layer) in wrapped for block in blocks for layer in block.modules()), f"{target} got no module"
+    for pattern in DEFAULT_EXCLUDES.get(FAMILIES[family], ()):
+        excluded = [layer for path, layer in denoiser.named_modules() if re.match(pattern, path)]
+        assert excluded and not any(id(layer) in wrapped for layer in excluded), f"{pattern} got modules"
+
+
+# The case of test_families that builds each family's default pipeline: its scheduler's own timestep of each step.
+FAMILY_CASES = {
+    "sdxl": "sdxl", "sd3": "sd3", "flux": "flux_true_cfg", "flux2": "flux2", "chroma": "chroma",
+    "qwen_image": "qwen_image_true_cfg", "sana": "sana", "pixart_sigma": "pixart_sigma", "auraflow": "auraflow_fp16",
+    "lumina2": "lumina2", "hidream": "hidream", "hunyuan_dit": "hunyuan_dit", "kandinsky3": "kandinsky3",
+    "stable_cascade": "stable_cascade_prior", "cogvideox": "cogvideox", "hunyuan_video": "hunyuan_video_bf16",
+    "wan": "wan21", "ltx": "ltx_t2v", "mochi": "mochi_inverted", "allegro": "allegro", "skyreels_v2": "skyreels_v2",
+    "cosmos": "cosmos1_edm",
+}
+TIMESTEP_PARAMETERS = {"hidream": "timesteps", "stable_cascade": "timestep_ratio"}  # else `timestep`
+UNBATCHED_INPUTS = ("img_ids", "txt_ids")  # Flux-style position ids: (tokens, 3), no batch dim
+
+
+def as_float32(value):
+    return nested(value, lambda tensor: tensor.float() if tensor.is_floating_point() else tensor)
+
+
+def nested(value, change):
+    """`change` applied to every tensor in a call's (nested) arguments; the unbatched ids are left alone."""
+    if isinstance(value, torch.Tensor):
+        return change(value)
+    if isinstance(value, dict):
+        return {key: item if key in UNBATCHED_INPUTS else nested(item, change) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(nested(item, change) for item in value)
+    return value
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_targets_train_each_sample_at_its_own_rank_on_every_family(family):
+    """A training call at batch 2 (or the pipeline's CFG batch) on the inputs the pipeline gave its denoiser, each
+    sample with the value it received at another step: every T-LoRA layer masks each sample by the rank of that
+    step's scheduler timestep (test_families' reference), and the backward runs (HiDream's routed experts are out
+    of its default targets: their inputs do not start with the batch dim)."""
+    case = families.CASES[FAMILY_CASES[family]]
+    (stage,) = case.stages
+    (name,) = stage.denoisers
+    pipe, kw = case.build()
+    denoiser = getattr(pipe, name)
+    for module in applied_tlora_modules(denoiser):
+        module.restore()
+    pipe.to(torch.float32)  # fp32 timesteps: bf16's rounding of t / 1000 would move int(t) off the step
+    network = create_tlora(pipe, {"algo": "tlora", "linear_dim": 8}, component=name)
+    calls = []
+    capture = denoiser.register_forward_pre_hook(lambda m, *call: calls.append(call), with_kwargs=True)
+    recorder = families.StepRecorder(pipe, stage)
+    try:
+        families.run(pipe, as_float32(kw), case, [recorder])
+    finally:
+        capture.remove()
+
+    parameters = [p for p in inspect.signature(type(denoiser).forward).parameters if p != "self"]
+    param = TIMESTEP_PARAMETERS.get(family, "timestep")
+    position = parameters.index(param)
+    args, kwargs = calls[0]
+    if (kwargs[parameters[0]] if parameters[0] in kwargs else args[0]).shape[0] == 1:  # no CFG batch: two samples
+        args, kwargs = nested((args, kwargs), lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t)
+    batch = (kwargs[parameters[0]] if parameters[0] in kwargs else args[0]).shape[0]
+    step_calls = {}
+    for step, call in zip(recorder.call_steps, calls):
+        step_calls.setdefault(step, call)
+    steps = [round(index * (len(recorder.timesteps) - 1) / (batch - 1)) for index in range(batch)]
+    received = [named[param] if param in named else a[position] for a, named in map(step_calls.get, steps)]
+    timesteps = torch.stack([value if value.dim() == 0 else value[0] for value in received])
+    if param in kwargs:
+        kwargs = {**kwargs, param: timesteps}
+    else:
+        args = (*args[:position], timesteps, *args[position + 1 :])
+    scheduler = getattr(pipe, stage.scheduler)
+    expected = [
+        lycoris_rank(
+            stage.noise_ward(scheduler, step, recorder.timesteps[step], recorder.pipeline_timesteps[step]),
+            families.num_train_timesteps(scheduler), 8,
+        )
+        for step in steps
+    ]
+    assert len(set(expected)) > 1, expected
+
+    group = installed_hook(denoiser).adapters["default"].group_id
+    seen = []
+    probes = [
+        module.org_module[0].register_forward_pre_hook(lambda m, a: seen.append(get_sample_masks(group).ranks()))
+        for module in network.loras
+    ]
+    try:
+        output = denoiser(*args, **kwargs)
+    finally:
+        for probe in probes:
+            probe.remove()
+    output = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+    output.float().pow(2).mean().backward()
+    assert len(seen) >= len(network.loras) and all(ranks == expected for ranks in seen), (expected, seen[:3])
+    gradients = [m.lambda_layer.grad for m in network.loras if m.lambda_layer.grad is not None]
+    assert gradients and all(torch.isfinite(g).all() for g in gradients)
+    assert any(g.abs().sum() > 0 for g in gradients)
 
 
 def test_an_unknown_family_without_a_preset_names_its_candidates():
@@ -365,6 +480,8 @@ def test_a_failure_while_building_puts_the_previous_adapter_back(monkeypatch):
         (dict(mode="fastest"), "Unknown mode"),
         (dict(adapter_name="a.b"), "adapter_name"),
         (dict(component="vae"), "not a module of this pipeline"),
+        (dict(timestep_fn=3), "timestep_fn must be a callable"),
+        (dict(scheduler="euler"), "scheduler must be a Diffusers scheduler"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message, tmp_path):
@@ -374,6 +491,95 @@ def test_bad_arguments_raise(kwargs, message, tmp_path):
     with pytest.raises(error, match=None if isinstance(message, type) else message):
         create_tlora(pipe, **kwargs)
     assert "tlora" not in pipe.unet._modules
+
+
+@pytest.mark.parametrize("mode", ["auto", "low_memory", "lycoris"])
+def test_apply_to_again_as_lycoris_scripts_do_changes_nothing(mode):
+    """`network.apply_to()` after `create_tlora` (a LyCORIS habit) leaves the network as create_tlora applied it:
+    training and inference calls give what they give without it, and unloading gives the layers back."""
+    generator = torch.Generator().manual_seed(2)
+    sample, embeds = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 6, 32, generator=generator)
+    timesteps = torch.tensor([300, 300]) if mode == "lycoris" else torch.tensor([10, 900])  # lycoris: one rank
+    outputs = []
+    for again in (False, True):
+        unet = tiny.unet().requires_grad_(False)
+        layers = layer_state(unet)
+        network = tiny.perturbed(create_tlora(unet, config(4), mode=mode), seed=1)
+        if again:
+            network.apply_to()
+        trained = unet(sample, timesteps, embeds).sample
+        trained.sum().backward()
+        with torch.no_grad():
+            validated = unet(sample, torch.tensor([300, 300]), embeds).sample
+        outputs.append((trained.detach(), validated, [m.lambda_layer.grad for m in network.loras]))
+        unload_tlora(unet)
+        assert layer_state(unet) == layers
+    (trained, validated, grads), (trained_again, validated_again, grads_again) = outputs
+    assert torch.equal(trained_again, trained) and torch.equal(validated_again, validated)
+    assert all(torch.equal(a, b) for a, b in zip(grads_again, grads))
+
+
+# -- the timestep of a bare denoiser: scheduler= and timestep_fn= ---------------------------------------------------
+def sample_ranks(network, group: int, call) -> list[list[int]]:
+    """The per-sample ranks each T-LoRA layer read during `call()`, a training call."""
+    seen = []
+    probes = [
+        module.org_module[0].register_forward_pre_hook(lambda m, a: seen.append(get_sample_masks(group).ranks()))
+        for module in network.loras
+    ]
+    try:
+        call()
+    finally:
+        for probe in probes:
+            probe.remove()
+    assert len(seen) >= len(network.loras)
+    return seen
+
+
+EDM_SIGMAS = (80.0, 5.0, 0.5, 0.01)
+
+
+def edm_unet_call(unet, c_noise):
+    """A training call of an EDM SDXL UNet (Playground v2.5), which receives c_noise = 0.25 ln(sigma) as timestep."""
+    generator = torch.Generator().manual_seed(0)
+    batch = len(c_noise)
+    added = {"text_embeds": torch.randn(batch, 32, generator=generator), "time_ids": torch.randn(batch, 6)}
+    sample, embeds = torch.randn(batch, 4, 8, 8, generator=generator), torch.randn(batch, 8, 64, generator=generator)
+    return lambda: unet(sample, c_noise, embeds, added_cond_kwargs=added).sample.sum().backward()
+
+
+@pytest.mark.parametrize("given", ["scheduler", "timestep_fn", "neither"])
+def test_a_bare_denoiser_reads_its_timestep_through_the_scheduler_or_timestep_fn_given(given):
+    """A training script holds the bare UNet: only the pipeline's EDM scheduler says that its timestep is c_noise.
+    Each sample's rank is that of its flow time sigma / (1 + sigma) x 1000 (hand-written, as test_families'
+    reference maps EDM sigmas)."""
+    pipe, _ = tiny.sdxl("edm", rank=None)
+    unet = pipe.unet.float().requires_grad_(False)
+    options = {
+        "scheduler": {"scheduler": pipe.scheduler},
+        "timestep_fn": {"timestep_fn": lambda module, args, kwargs: (s := (4 * args[1]).exp()) / (1 + s) * 1000},
+        "neither": {},
+    }[given]
+    network = create_tlora(unet, config(8), **options)
+    sigmas = torch.tensor(EDM_SIGMAS)
+    expected = [lycoris_rank(sigma / (1 + sigma) * 1000, 1000, 8, 2) for sigma in EDM_SIGMAS]
+    group = installed_hook(unet).adapters["default"].group_id
+    seen = sample_ranks(network, group, edm_unet_call(unet, 0.25 * sigmas.log()))
+    if given == "neither":  # read as a raw DDPM t (about -1 .. 1): every sample at nearly full rank
+        assert all(ranks != expected for ranks in seen)
+    else:
+        assert all(ranks == expected for ranks in seen), (expected, seen[0])
+
+
+def test_a_bare_bf16_transformer_given_the_scheduler_snaps_validation_calls_to_it(rank_probe):
+    """Validation through the stock pipeline after `create_tlora(pipe.transformer, ..., scheduler=pipe.scheduler)`:
+    the bf16-rounded t / 1000 of every step is snapped back to its step, as on the pipeline."""
+    pipe, kw = tiny.flux(rank=None, steps=25)
+    preset = {"target_module": ["FluxAttention", "FeedForward"]}
+    create_tlora(pipe.transformer, config(64, tlora_min_rank=1, apply_preset=preset), scheduler=pipe.scheduler)
+    rank_probe.watch("transformer", pipe.transformer)
+    run(pipe, kw, latents((1, 4, 4)).bfloat16())
+    assert rank_probe.ranks() == expected_ranks(pipe, (64, 1, 1.0), calls_per_step=2)
 
 
 def test_two_experts_need_a_component():

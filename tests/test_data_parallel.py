@@ -1,13 +1,15 @@
 """Data-parallel training of a T-LoRA made by `create_tlora`: two CPU processes on gloo, one batch split between them.
 
 Because the T-LoRA parameters are registered under the denoiser, `DistributedDataParallel(unet)`, accelerate's
-`prepare(unet, optimizer, dataloader)` and FSDP2's `fully_shard` see them: after `backward` their gradients are equal
-on both processes and equal the single-process gradients of the whole batch, and the hooks still mask every call.
-The two processes run all three wrappers, forked once from the test process.
+`prepare(unet, optimizer, dataloader)`, FSDP2's `fully_shard` and FSDP1's `FullyShardedDataParallel` see them: after
+`backward` their gradients are equal on both processes and equal the single-process gradients of the whole batch, and
+the hooks still mask every call.
+The two processes run all four wrappers, forked once from the test process.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -31,7 +33,7 @@ CONFIG = {"algo": "tlora", "linear_dim": RANK, "linear_alpha": RANK, "tlora_min_
 # One timestep per sample, of four different ranks (1, 3, 5, 7 at R = 8), in the default mode: each process masks
 # each of its samples by its own rank.
 TIMESTEPS = torch.tensor([999, 700, 400, 50])
-WRAPPERS = ("ddp", "accelerate", "fsdp2")
+WRAPPERS = ("ddp", "accelerate", "fsdp2", "fsdp1")
 TIMEOUT_S = 300
 
 
@@ -70,7 +72,9 @@ def shard(samples: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor
 def run_wrappers(rank: int, port: int, folder: str) -> None:
     """One process: each wrapper trains one step on this process's half of the batch; gradients go to `folder`."""
     from accelerate import Accelerator
-    from torch.distributed.fsdp import fully_shard
+    from diffusers.models.attention import BasicTransformerBlock
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -104,6 +108,21 @@ def run_wrappers(rank: int, port: int, folder: str) -> None:
     loss_of(unet, shard(samples, rank)).backward()
     gradients = {name: grad.full_tensor() for name, grad in tlora_gradients(unet).items()}
     results["fsdp2"] = (gradients, None)
+
+    # FSDP1: a unit mixes the frozen base and the T-LoRA, so use_orig_params; units by block class, since LyCORIS reads
+    # `q_layer.weight` / `p_layer.weight` without calling those layers (a size policy would hand it shards).
+    unet = trainable_unet(mode="low_memory")
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={BasicTransformerBlock})
+    model = FullyShardedDataParallel(
+        unet, use_orig_params=True, auto_wrap_policy=policy, device_id=torch.device("cpu")
+    )
+    loss_of(model, shard(samples, rank)).backward()
+    with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
+        gradients = {
+            name.replace("_fsdp_wrapped_module.", ""): param.grad.detach().clone()
+            for name, param in model.named_parameters() if param.requires_grad
+        }
+    results["fsdp1"] = (gradients, None)
 
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     dist.destroy_process_group()

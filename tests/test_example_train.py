@@ -92,3 +92,22 @@ def test_three_steps_then_load_tlora_reproduces_the_trained_output(images, tmp_p
         denoiser.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(denoiser.forward))
     output = denoise(fresh, family, dtype)
     assert torch.equal(output, reference)
+
+
+def test_only_the_main_process_saves_and_validates(images, tmp_path, monkeypatch):
+    """On the other processes of a multi-process run, the trainer trains and writes nothing (diffusers' scripts save
+    and validate on the main process only)."""
+
+    class OtherProcess(train_tlora.Accelerator):
+        is_main_process = property(lambda self: False)
+
+    monkeypatch.setattr(train_tlora, "Accelerator", OtherProcess)
+    output = tmp_path / "output"
+    args = train_tlora.parse_args([
+        "--model", "sdxl", "--tiny", "--instance_data_dir", images, "--instance_prompt", PROMPT,
+        "--output_dir", str(output), "--resolution", "16", "--max_train_steps", "1", "--num_validation_images", "1",
+        "--validation_steps", "2", "--seed", "0", *TRAINING,
+    ])
+    trained = train_tlora.train(args)
+    assert trained.path is None and not output.exists()
+    assert all(not torch.equal(m.lambda_layer, m.base_lambda) for m in trained.network.loras), "it trained"

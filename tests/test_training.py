@@ -63,6 +63,23 @@ def test_one_training_call_equals_lycoris_sample_by_sample(name):
         assert_close(outputs, grads, reference_outputs, reference_grads, what=f"{name}, {mode}")
 
 
+def test_the_batch_is_the_latents_whatever_the_keyword_order():
+    """Flux called with `img_ids=` and `txt_ids=` (per-token ids, no batch dim: 16 image tokens) before
+    `hidden_states=`: each sample is still masked by its own rank, as LyCORIS's forward run sample by sample."""
+    case = case_for("flux")
+    reference_outputs, reference_grads = tt.lycoris_per_sample(case)
+    ids_first = case.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {"img_ids": kwargs["img_ids"], "txt_ids": kwargs["txt_ids"], **kwargs}),
+        with_kwargs=True,
+    )
+    try:
+        with enable(case, "auto"):
+            outputs, grads = tt.batched_step(case)
+    finally:
+        ids_first.remove()
+    assert_close(outputs, grads, reference_outputs, reference_grads, what="ids first")
+
+
 def test_every_grad_enabled_call_is_a_training_call_and_no_grad_calls_skip_it(monkeypatch):
     """Grad mode alone decides: under no_grad no per-sample masks are built; with grad, a frozen adapter's call takes
     the per-sample forward too."""

@@ -190,8 +190,8 @@ def sample_rows(received: torch.Tensor, batch: int, name: str) -> int:
         return batch
     raise TLoRAError(
         f"T-LoRA {name}: the timestep has shape {tuple(received.shape)}, so {received.shape[0]} values along its "
-        f"first dim, but the batch has {batch} samples (the first dim of the denoiser's first floating-point input "
-        f"other than the timestep). Pass one timestep per sample (shape ({batch},), or ({batch}, tokens) for "
+        f"first dim, but the batch has {batch} samples (the first dim of the denoiser's `sample` / `hidden_states` "
+        f"input). Pass one timestep per sample (shape ({batch},), or ({batch}, tokens) for "
         "per-token timesteps), or one for the whole batch."
     )
 

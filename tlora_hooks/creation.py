@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .conventions import plan_timestep_reading
+from .api import check_hook_options
+from .conventions import TimestepFn, plan_timestep_reading
 from .discovery import is_pipeline
 from .errors import TLoRAError
 from .loading import check_adapter_name, hook_options, swap_adapter
@@ -97,6 +98,8 @@ def create_tlora(
     component: str | None = None,
     adapter_name: str = "default",
     mode: str | None = None,
+    timestep_fn: TimestepFn | None = None,
+    scheduler: Any = None,
 ) -> LycorisNetwork:
     """Add a new, trainable T-LoRA to a pipeline's denoiser (or a bare denoiser) and mask it by timestep.
 
@@ -118,13 +121,20 @@ def create_tlora(
         adapter_name: The name it is registered under (`denoiser.tlora[adapter_name]`), as in `load_tlora`.
         mode: The masked forward's mode, as in `load_tlora` (default: the mode the denoiser's other adapters run,
             else `"auto"`).
+        timestep_fn: As in `enable_tlora`, for every adapter of the denoiser; default: the one its other adapters
+            use, else none.
+        scheduler: As in `enable_tlora`, likewise. A bare denoiser has no scheduler otherwise: pass the
+            pipeline's (EDM and continuous-timestep schedulers change what the timestep means; validation calls
+            snap to its `timesteps`).
 
     Returns:
         The applied LyCORIS `LycorisNetwork` (`network.loras`, `network.parameters()`,
-        `network.prepare_optimizer_params(lr)`); do not call its `apply_to()` again. Save it with `save_tlora`.
+        `network.prepare_optimizer_params(lr)`); its `apply_to()` does nothing (it is applied). Save it with
+        `save_tlora`.
     """
     if mode is not None:
         check_mode(mode)
+    check_hook_options(timestep_fn, scheduler)
     settings = TLoRAConfig.read(config)
     check_adapter_name(adapter_name)
     (name, denoiser), *others = candidate_denoisers(target, component).items()
@@ -133,9 +143,9 @@ def create_tlora(
         raise TLoRAError(f"This pipeline has several denoisers ({', '.join(names)}); say which: component=...")
     preset = preset_for(denoiser, settings.preset)
     check_overrides(preset, settings.schedule.max_rank)
-    plan_timestep_reading(name, denoiser, target if is_pipeline(target) else None)
-
-    options = hook_options(denoiser, adapter_name, mode, None, None)
+    options = hook_options(denoiser, adapter_name, mode, timestep_fn, scheduler)
+    if options.timestep_fn is None:  # an unknown class fails before the work
+        plan_timestep_reading(name, denoiser, target if is_pipeline(target) else None)
     built: list[LoadRecord] = []
 
     def build() -> LoadRecord:

@@ -8,6 +8,8 @@ each adapter keeps its own schedule, strength and LyCORIS mask group.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import weakref
 from dataclasses import dataclass, field
@@ -81,13 +83,32 @@ def compute_device(args: tuple, kwargs: dict, fallback: torch.device) -> torch.d
     return fallback
 
 
-def batch_size(args: tuple, kwargs: dict, timestep: Any) -> int:
-    """A training call's batch size: the first dim of its first floating-point tensor input other than the timestep
-    (`sample` / `hidden_states` in diffusers' denoisers), else of the timestep itself."""
-    for value in itertools.chain(args, kwargs.values()):
+# The denoiser parameters that hold the noisy latents, whose first dim is a training call's batch size: diffusers'
+# UNets name it `sample`, its transformers `hidden_states`.
+LATENTS_PARAMETERS = ("sample", "hidden_states")
+
+
+def batch_size(module: nn.Module, args: tuple, kwargs: dict, timestep: Any) -> int:
+    """A training call's batch size: the first dim of the denoiser's latents (a `LATENTS_PARAMETERS` argument, by
+    keyword or position; keyword order says nothing: Flux's `img_ids` has no batch dim), else of its first
+    floating-point tensor input other than the timestep (a denoiser of another kind), else of the timestep itself."""
+    position = _latents_position(type(module))
+    named = [kwargs.get(name) for name in LATENTS_PARAMETERS]
+    positional = [args[position]] if position is not None and position < len(args) else []
+    for value in itertools.chain(named, positional, args, kwargs.values()):
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() and value is not timestep:
             return value.shape[0]
     return timestep.shape[0] if isinstance(timestep, torch.Tensor) and timestep.dim() else 1
+
+
+@functools.cache
+def _latents_position(cls: type) -> int | None:
+    """Where the class's `forward` takes its latents positionally (not `module.forward`, which offloading rewraps)."""
+    names = [
+        p.name for p in inspect.signature(cls.forward).parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return next((names.index(name) for name in LATENTS_PARAMETERS if name in names), None)
 
 
 class DenoiserHook:
@@ -198,7 +219,7 @@ class DenoiserHook:
         # Autograd recording: the exact per-sample forward, whether or not the adapter trains (gradients reach the
         # inputs and whatever else trains; a fast mode's state would not survive a checkpointed recompute).
         if torch.is_grad_enabled():
-            batch = batch_size(args, kwargs, value)
+            batch = batch_size(module, args, kwargs, value)
             scheduler = self.scheduler_source()
             self.mode.set_sample_masks(self.call_rank.sample_masks(value, scheduler, self.tables, device, batch))
             self.checkpoints.wrap()

@@ -52,6 +52,12 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "Kandinsky3UNet": ("Attention",),
     "StableCascadeUNet": ("Attention",),
 }
+# Layers kept out of those targets (LyCORIS `exclude_name` patterns). HiDream's mixture-of-experts feed-forward routes
+# a (batch x tokens) row to each expert, so an expert's input does not start with the batch dim and a training batch
+# whose samples need different ranks cannot be masked per sample there; its shared expert sees every sample.
+DEFAULT_EXCLUDES: dict[str, tuple[str, ...]] = {
+    "HiDreamImageTransformer2DModel": (r".*\.experts\.",),
+}
 
 # The LycorisNetwork class attributes `apply_preset` writes.
 PRESET_ATTRIBUTES = (
@@ -83,7 +89,8 @@ def preset_for(denoiser: nn.Module, preset: dict | None) -> dict:
             f"No default T-LoRA targets are known for {cls}; give the config an `apply_preset`, e.g. "
             f'{{"target_module": {candidate_targets(denoiser)}}} (its attention and feed-forward classes).'
         )
-    return {"target_module": list(DEFAULT_TARGETS[cls])}
+    excluded = {"exclude_name": list(DEFAULT_EXCLUDES[cls])} if cls in DEFAULT_EXCLUDES else {}
+    return {"target_module": list(DEFAULT_TARGETS[cls]), **excluded}
 
 
 def check_preset(preset: Any) -> None:
@@ -124,14 +131,14 @@ def lycoris_preset(preset: dict) -> Iterator[None]:
 def report_matches(network: LycorisNetwork, denoiser: nn.Module, preset: dict) -> None:
     """Error when the preset built nothing; a warning naming the targets that matched nothing otherwise.
 
-    Call inside `lycoris_preset(preset)`: the names are LyCORIS's as the preset set them.
+    Only the preset's own targets are reported: a key it leaves out keeps LyCORIS's default (`target_module`:
+    Linear, Conv1d, ...), which the user did not name. Call inside `lycoris_preset(preset)`: paths match as the
+    preset's `use_fnmatch` says.
     """
-    from lycoris import LycorisNetwork
-
-    classes = set(LycorisNetwork.TARGET_REPLACE_MODULE) | set(LycorisNetwork.MODULE_ALGO_MAP)
+    classes = set(preset.get("target_module") or ()) | set(preset.get("module_algo_map") or ())
     present = {type(module).__name__ for module in denoiser.modules()}
     names = [name for name, _ in denoiser.named_modules() if name]
-    patterns = list(LycorisNetwork.TARGET_REPLACE_NAME) + list(LycorisNetwork.NAME_ALGO_MAP)
+    patterns = list(preset.get("target_name") or ()) + list(preset.get("name_algo_map") or ())
     unmatched = sorted(classes - present) + [
         pattern
         for pattern in patterns

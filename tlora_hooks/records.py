@@ -5,17 +5,21 @@ order, and the options the denoiser's hooks share (mode, timestep_fn, scheduler)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 from torch import nn
 
 from .hooks import AdapterSettings, HookedAdapter
+from .logging import get_logger
 from .registration import register_network, unregister_network
 from .schedule import RankSchedule
 
 if TYPE_CHECKING:
     from lycoris import LycorisNetwork
+
+logger = get_logger(__name__)
 
 LOADED_ATTRIBUTE = "_tlora_hooks_loaded"
 # The record of a network made by load_tlora or create_tlora, on the network itself, for save_tlora.
@@ -56,12 +60,15 @@ class LoadRecord:
             self.original_forwards.append(
                 (layer, recorded[id(layer)] if wrapped else layer.__dict__.get("forward"))
             )
-        self.network.apply_to()
+        type(self.network).apply_to(self.network)
         register_network(denoiser, self.adapter_name, self.network)
+        # LyCORIS scripts call `network.apply_to()` after creating it; again, it would chain each module to itself.
+        self.network.__dict__["apply_to"] = functools.partial(already_applied, self.adapter_name)
 
     def detach(self, denoiser: nn.Module) -> None:
         """LyCORIS's `restore()`, then the layers' own attributes and the denoiser's module tree as they were."""
         unregister_network(denoiser, self.adapter_name)
+        self.network.__dict__.pop("apply_to", None)
         self.network.restore()
         for layer, forward in self.original_forwards:
             if "_lycoris_wrappers" in layer.__dict__:
@@ -74,6 +81,11 @@ class LoadRecord:
     def hooked(self) -> HookedAdapter:
         """The adapter as the hooks run it, sharing this record's settings."""
         return HookedAdapter(self.adapter_name, list(self.network.loras), self.schedule, self.settings)
+
+
+def already_applied(adapter_name: str) -> None:
+    """`apply_to()` of a network that `create_tlora` or `load_tlora` applied: nothing to do."""
+    logger.info("network.apply_to(): T-LoRA adapter %r is applied and masked already; nothing to do.", adapter_name)
 
 
 @dataclass(frozen=True)

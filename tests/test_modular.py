@@ -203,6 +203,24 @@ def test_a_modular_pipeline_whose_denoiser_has_no_row_is_refused():
     assert hook_counts(transformer) == (0, 0)
 
 
+def test_a_modular_pipeline_before_load_components_says_to_load_them(tmp_path):
+    """`ModularPipeline.from_pretrained` builds a pipeline whose components load later (`load_components`); every
+    verb says so, and leaves it as it was."""
+    import diffusers
+
+    modular = diffusers.StableDiffusionXLAutoBlocks().init_pipeline()
+    components = dict(modular.components)
+    classic, _ = tiny.sdxl(rank=None)
+    network = tiny.add_tlora(classic.unet, 4)
+    path = tlora_files.simpletuner_file(network, tmp_path / "t.safetensors", linear_dim=4)
+    network.restore()
+    for verb in (lambda: load_tlora(modular, path), lambda: enable_tlora(modular, max_rank=4),
+                 lambda: create_tlora(modular, TLORA_CONFIG)):
+        with pytest.raises(TLoRAError, match=r"has not loaded its unet yet: call pipe.load_components\(\.\.\.\)"):
+            verb()
+        assert modular.components == components
+
+
 # -- create_tlora on a modular pipeline -------------------------------------------------------------------------------
 TLORA_CONFIG = {"algo": "tlora", "linear_dim": 8, "linear_alpha": 8, "tlora_min_rank": 2, "tlora_alpha": 0.5}
 

@@ -145,12 +145,14 @@ def own_bars_disabled(pipe) -> set[bool]:
 
 
 @pytest.mark.parametrize("name", FULL_MODULAR)
-def test_a_full_modular_pipelines_bars_follow_its_own_denoising_bar(name):
+def test_a_full_modular_pipelines_bars_follow_its_own_denoising_bar(name, monkeypatch):
     """diffusers 0.42.1's `ModularPipeline.set_progress_bar_config` hands the settings only to top-level loop blocks;
     the full pipelines' loops sit inside auto blocks, so it stores nothing and the pipeline's own denoising bar
     still shows: ours show with it. Settings on the loops themselves (where diffusers' bar reads them) silence both."""
     pipe = getattr(diffusers, getattr(diffusers, name).default_blocks_name)().init_pipeline()
     assert type(pipe).__name__ == name
+    for loop in denoise_loops(pipe._blocks):  # block instances are shared by the pipelines of a family: start clean
+        monkeypatch.setattr(loop, "_progress_bar_config", {}, raising=False)
     pipe.set_progress_bar_config(disable=True)
     assert own_bars_disabled(pipe) == {ProgressBars.of(pipe).silenced}
     for loop in denoise_loops(pipe._blocks):

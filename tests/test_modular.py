@@ -396,19 +396,23 @@ def test_create_tlora_on_a_modular_pipeline_trains_each_sample_by_its_own_rank()
         assert relative_error(gradient, expected[name]) <= 1e-5, name
 
 
-def test_create_tlora_on_a_modular_pipeline_masks_every_call_as_the_classic_pipeline(rank_probe):
+@pytest.mark.parametrize("case_id", ["modular_sdxl", "modular_flux"])
+def test_create_tlora_on_a_modular_pipeline_masks_every_call_as_the_classic_pipeline(case_id, rank_probe):
     """A scheduler with 500 training timesteps: hooks that did not read the modular pipeline's scheduler (T = 1000)
     would give other ranks."""
-    classic, kw = tiny.sdxl(rank=None)
+    case = CASES[case_id]
+    classic, kw = case.classic(rank=None)
+    kw = case.classic_call(kw)
     classic.scheduler = type(classic.scheduler).from_config(classic.scheduler.config, num_train_timesteps=500)
-    modular = modular_twin(CASES["modular_sdxl"], classic)
-    create_tlora(modular, TLORA_CONFIG)
-    probe = StepRanks(rank_probe, modular, ["unet"])
+    modular = modular_twin(case, classic)
+    network = create_tlora(modular, TLORA_CONFIG)
+    assert getattr(modular, case.denoisers[0]).tlora["default"] is network
+    probe = StepRanks(rank_probe, modular, case.denoisers)
     modular(**{key: value for key, value in kw.items() if key not in CLASSIC_ONLY}, output="latents")
     seen = by_step(probe.calls())
 
-    enable_tlora(classic, max_rank=8, min_rank=2, alpha=0.5)  # the same UNet and adapter, the classic hooks
-    probe = StepRanks(rank_probe, classic, ["unet"])
+    enable_tlora(classic, max_rank=8, min_rank=2, alpha=0.5)  # the same denoiser and adapter, the classic hooks
+    probe = StepRanks(rank_probe, classic, case.denoisers)
     classic(**kw)
     assert seen == by_step(probe.calls())
     assert all(len(ranks) == 1 for ranks in seen.values()) and len({min(r) for r in seen.values()}) > 1

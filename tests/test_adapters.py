@@ -26,6 +26,7 @@ from tlora_hooks import (
     enable_tlora,
     get_tlora_adapters,
     load_tlora,
+    loading,
     save_tlora,
     set_tlora_adapter_weight,
     set_tlora_adapters,
@@ -452,6 +453,29 @@ def test_bad_calls_raise_and_change_nothing(files, case):
     after = everything(pipe, kw)
     assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
     assert before[1:] == after[1:]
+
+
+@pytest.mark.parametrize("mode", ("lycoris", "fold", "low_memory"))
+@pytest.mark.parametrize("name", ["detail", "style"], ids=["adding", "replacing"])
+def test_a_load_failing_midway_leaves_every_adapter_as_it_was(files, monkeypatch, mode, name):
+    """The rebuild of the new adapter's base terms fails after the hooks and the replaced adapter came off: the
+    outputs, the adapters (their mask groups included), the records and the model come back as they were."""
+    pipe, kw = pipeline()
+    load_both(pipe, files, "overlapping", mode=mode)
+    set_tlora_adapters(pipe, ["subject", "style"], [0.7, 1.2])
+    outputs, adapters, hook, _, records, state = everything(pipe, kw)
+    mode_name = hook.mode.name
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(loading, "fill_base_terms", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        load_tlora(pipe, files["detail"], adapter_name=name)
+    assert get_tlora_adapters(pipe) == adapters
+    assert loaded_adapters(pipe.transformer) is records and model_state(pipe.transformer)[1:] == state
+    assert installed_hook(pipe.transformer).mode.name == mode_name
+    assert all(torch.equal(a, b) for a, b in zip(outputs, run_calls(pipe, kw)))
 
 
 def test_changing_adapters_during_a_call_raises_and_changes_nothing(files):

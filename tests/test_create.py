@@ -462,7 +462,7 @@ def test_a_failure_while_building_puts_the_previous_adapter_back(monkeypatch):
     tiny.perturbed(create_tlora(pipe, config(), mode="lycoris"))
     before = snapshot(pipe, kw)
 
-    def failing(modules):
+    def failing(modules, **kwargs):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(creation, "rebuild_base_terms", failing)

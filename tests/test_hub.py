@@ -26,7 +26,7 @@ import tlora_files
 from tlora_hooks import TLoRAError, load_tlora
 from tlora_hooks.commands import main
 from tlora_hooks.discovery import applied_tlora_modules
-from tlora_hooks.formats import read_tlora_file
+from tlora_hooks.formats import FileSource, read_tlora_file
 from tlora_hooks.hooks import installed_hook
 from tlora_hooks.records import loaded_adapters
 
@@ -188,7 +188,25 @@ def test_cli_convert_takes_its_input_from_the_hub(offline, files, tmp_path, caps
     for name, module in original.modules.items():
         assert torch.equal(converted.modules[name].q, module.q)
     assert main(["inspect", REPO]) == 2
-    assert "pass weight_name=" in capsys.readouterr().err
+    assert "pass --weight-name (the file's name" in capsys.readouterr().err
+
+
+def test_cli_errors_name_the_cli_options(online_repo, files, monkeypatch, capsys):
+    """The command line's messages say --weight-name, --token, ... where load_tlora's say weight_name=, token=."""
+    folder, _ = online_repo
+    put(folder, "first.safetensors", files["main"])
+    put(folder, "second.safetensors", files["v2"])
+    assert main(["inspect", REPO]) == 2
+    assert "several T-LoRA files: first.safetensors, second.safetensors. Pass --weight-name" in capsys.readouterr().err
+
+    def refuse(*args, **kwargs):
+        raise hub_error(RepositoryNotFoundError)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    assert main(["inspect", REPO, "--weight-name", FILE]) == 2
+    assert "a private one needs --token, or `hf auth login`" in capsys.readouterr().err
+    with pytest.raises(TLoRAError, match="a private one needs token=, or"):
+        read_tlora_file(REPO, FileSource(weight_name=FILE))
 
 
 # -- online answers, from a stand-in for the Hub -----------------------------------------------------------------
@@ -231,14 +249,14 @@ def online_repo(monkeypatch, tmp_path):
         return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
 
     def parse_safetensors_file_metadata(repo, filename, revision=None, token=None, **_):
-        calls.append(("header", filename))
+        calls.append(("header", filename, token))
         with open(folder / filename, "rb") as handle:
             header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
         header.pop("__metadata__", None)
         return type("Metadata", (), {"tensors": header})
 
-    def hf_hub_download(repo, filename, subfolder=None, revision=None, **_):
-        calls.append(("download", filename, subfolder, revision))
+    def hf_hub_download(repo, filename, subfolder=None, revision=None, token=None, **_):
+        calls.append(("download", filename, subfolder, revision, token))
         return str(folder / (subfolder or "") / filename)
 
     for stand_in in (list_repo_files, parse_safetensors_file_metadata, hf_hub_download):
@@ -259,9 +277,27 @@ def test_without_weight_name_the_repos_only_tlora_file_is_taken(online_repo, fil
     pipe, _ = tiny.sdxl(rank=None, steps=2)
     load_tlora(pipe, REPO, revision="v2")
     assert loaded(pipe)[1] == {4}
-    assert calls[0] == ("list", REPO, "v2", None) and calls[-1] == ("download", "tlora_v2.safetensors", None, "v2")
+    assert calls[0] == ("list", REPO, "v2", None)
+    assert calls[-1] == ("download", "tlora_v2.safetensors", None, "v2", None)
     load_tlora(pipe, REPO, subfolder="style")
     assert loaded(pipe)[1] == {6}
+
+
+def test_token_reaches_every_hub_call(online_repo, files):
+    """The listing, the headers that pick the T-LoRA among several files, and the download, from load_tlora and from
+    the command line's --token."""
+    folder, calls = online_repo
+    put(folder, "plain.safetensors", files["plain"])
+    put(folder, "tlora.safetensors", files["v2"])
+    pipe, _ = tiny.sdxl(rank=None, steps=2)
+    load_tlora(pipe, REPO, token="hf_secret")
+    assert loaded(pipe)[1] == {4}
+    assert calls == [("list", REPO, None, "hf_secret"), ("header", "plain.safetensors", "hf_secret"),
+                     ("header", "tlora.safetensors", "hf_secret"),
+                     ("download", "tlora.safetensors", None, None, "hf_secret")]
+    calls.clear()
+    assert main(["inspect", REPO, "--token", "hf_other"]) == 0
+    assert {call[-1] for call in calls} == {"hf_other"} and len(calls) == 4
 
 
 def test_several_tlora_files_in_a_repo_are_an_error_naming_them(online_repo, files):
@@ -275,18 +311,27 @@ def test_several_tlora_files_in_a_repo_are_an_error_naming_them(online_repo, fil
 
 
 # -- local folders follow the same rules ------------------------------------------------------------------------
-def test_a_folder_without_weight_name_gives_its_only_tlora_file(tmp_path, files, caplog):
+def test_a_folder_without_weight_name_gives_its_only_tlora_file(tmp_path, files):
     put(tmp_path, "adapter.safetensors", files["v2"])
     put(tmp_path, "plain.safetensors", files["plain"])
     put(tmp_path, "optimizer.safetensors", files["main"])  # never an adapter, as in diffusers
     assert read_tlora_file(tmp_path).path == str(tmp_path / "adapter.safetensors")
-    put(tmp_path, "pytorch_lora_weights.safetensors", files["main"])  # the trainer's name wins, as in diffusers
-    with caplog.at_level("WARNING", logger="tlora_hooks"):
-        assert read_tlora_file(tmp_path).path == str(tmp_path / FILE)
-    assert "several T-LoRA files (adapter.safetensors, pytorch_lora_weights.safetensors)" in caplog.text
-    put(tmp_path, "lora.safetensors", files["sub"])
-    with pytest.raises(TLoRAError, match="several T-LoRA files: adapter.safetensors, lora.safetensors, pytorch"):
-        read_tlora_file(tmp_path)
+
+
+def test_several_tlora_files_in_a_folder_are_an_error_even_beside_a_trainers_name(tmp_path, files):
+    """A trainer's file name (`pytorch_lora_weights.safetensors`) beside another T-LoRA is no reason to guess: the
+    error lists both, and the pipeline keeps what it had."""
+    put(tmp_path, "adapter.safetensors", files["v2"])
+    put(tmp_path, FILE, files["main"])
+    pipe, kw = tiny.sdxl(rank=None, steps=2)
+    load_tlora(pipe, files["sub"])
+    before, state = output(pipe, kw), pipeline_state(pipe)
+    with pytest.raises(TLoRAError, match="several T-LoRA files: adapter.safetensors, pytorch_lora_weights.safetensors"
+                                         r"\. Pass weight_name= with one of them"):
+        load_tlora(pipe, str(tmp_path))
+    assert pipeline_state(pipe) == state and torch.equal(output(pipe, kw), before)
+    load_tlora(pipe, str(tmp_path), weight_name="adapter.safetensors")
+    assert loaded(pipe)[1] == {4}
 
 
 def test_a_folder_with_weight_name_and_subfolder_joins_them(tmp_path, files):

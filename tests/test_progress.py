@@ -4,8 +4,10 @@ default, and silenced by the target pipeline's `set_progress_bar_config(disable=
 
 from __future__ import annotations
 
+import diffusers
 import huggingface_hub
 import pytest
+from diffusers.modular_pipelines import LoopSequentialPipelineBlocks
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import constants
 from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
@@ -13,9 +15,10 @@ from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 import tiny
 import tlora_files
 from test_modular import CASES, modular_twin
-from tlora_hooks import load_tlora
+from tlora_hooks import create_tlora, load_tlora
 from tlora_hooks.commands import main
 from tlora_hooks.formats import read_tlora_file
+from tlora_hooks.progress import ProgressBars
 
 # The bars a load that rebuilds the base terms shows (LyCORIS files save none).
 LOAD_BARS = ("Reading t.safetensors", "Building T-LoRA modules", "Rebuilding T-LoRA base terms")
@@ -105,6 +108,56 @@ def test_a_modular_pipelines_setting_silences_them(path, capsys):
     modular.set_progress_bar_config()
     load_tlora(modular, flux_path)
     assert "Building T-LoRA modules" in capsys.readouterr().err
+
+
+def test_create_tlora_follows_the_pipelines_setting(capsys):
+    """The SVD that initialises a new adapter shows its bar, unless the pipeline silences its bars."""
+    config = {"algo": "tlora", "linear_dim": 4}
+    create_tlora(loud_sdxl(), config)
+    assert "Rebuilding T-LoRA base terms" in capsys.readouterr().err
+    pipe = loud_sdxl()
+    pipe.set_progress_bar_config(disable=True)
+    create_tlora(pipe, config)
+    assert "T-LoRA" not in capsys.readouterr().err
+
+
+# Full modular pipelines, built from their default blocks as `ModularPipeline.from_pretrained` builds them.
+FULL_MODULAR = ("StableDiffusionXLModularPipeline", "FluxModularPipeline", "WanModularPipeline",
+                "QwenImageModularPipeline", "StableDiffusion3ModularPipeline", "Flux2ModularPipeline",
+                "LTXModularPipeline")
+
+
+def denoise_loops(blocks) -> list[LoopSequentialPipelineBlocks]:
+    """The loop blocks anywhere in a block tree: what draws a modular pipeline's own denoising bar."""
+    found = [blocks] if isinstance(blocks, LoopSequentialPipelineBlocks) else []
+    for sub_block in getattr(blocks, "sub_blocks", {}).values():
+        found += denoise_loops(sub_block)
+    return found
+
+
+def own_bars_disabled(pipe) -> set[bool]:
+    """Whether each denoise loop's own bar (diffusers' `progress_bar`) is disabled."""
+    disabled = set()
+    for loop in denoise_loops(pipe._blocks):
+        with loop.progress_bar(total=1) as bar:
+            disabled.add(bar.disable)
+    return disabled
+
+
+@pytest.mark.parametrize("name", FULL_MODULAR)
+def test_a_full_modular_pipelines_bars_follow_its_own_denoising_bar(name, monkeypatch):
+    """diffusers 0.42.1's `ModularPipeline.set_progress_bar_config` hands the settings only to top-level loop blocks;
+    the full pipelines' loops sit inside auto blocks, so it stores nothing and the pipeline's own denoising bar
+    still shows: ours show with it. Settings on the loops themselves (where diffusers' bar reads them) silence both."""
+    pipe = getattr(diffusers, getattr(diffusers, name).default_blocks_name)().init_pipeline()
+    assert type(pipe).__name__ == name
+    for loop in denoise_loops(pipe._blocks):  # block instances are shared by the pipelines of a family: start clean
+        monkeypatch.setattr(loop, "_progress_bar_config", {}, raising=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert own_bars_disabled(pipe) == {ProgressBars.of(pipe).silenced}
+    for loop in denoise_loops(pipe._blocks):
+        loop.set_progress_bar_config(disable=True)
+    assert own_bars_disabled(pipe) == {True} and ProgressBars.of(pipe).silenced
 
 
 def test_convert_shows_its_reading_bar_until_silenced(path, tmp_path, capsys, hub_switch):

@@ -15,7 +15,7 @@ from tlora_hooks.commands import main
 from tlora_hooks.support import BEGIN, END, FAMILIES, MATRIX_PAGE, matrix_section
 
 MATRIX_FILE = Path(__file__).resolve().parents[1] / MATRIX_PAGE
-CASES = {**test_families.CASES, **test_modular.CASES}
+CASES = {**test_families.CASES, **test_modular.CASES, **test_modular.MORE_CASES}
 
 
 def held_classes(pipeline: str) -> str:

@@ -212,7 +212,7 @@ def _one_adapter(
             "set_tlora_adapters picks the active ones; delete_tlora_adapters removes one."
         )
     if records and {id(m) for m in records[0].network.loras} == {id(m) for m in modules}:
-        return HookedAdapter(records[0].adapter_name, modules, schedule, records[0].settings)
+        return HookedAdapter(records[0].adapter_name, modules, schedule, records[0].settings, records[0].group_id)
     return HookedAdapter("default", modules, schedule, AdapterSettings())
 
 

@@ -26,6 +26,7 @@ from .logging import get_logger
 from .matching import EXAMPLES, Match, candidate_denoisers
 from .modes import check_mode
 from .presets import lycoris_preset, preset_for, report_matches
+from .progress import ProgressBars
 from .rebuild import rebuild_base_terms
 from .records import LoadRecord
 from .registration import adapters_hidden
@@ -152,7 +153,7 @@ def create_tlora(
         """Runs once the hooks and the adapter it replaces are off the denoiser: the SVD reads the model's own
         weights, and the preset never sees the other adapters' modules."""
         with adapters_hidden(denoiser):
-            network = build_network(denoiser, settings, preset)
+            network = build_network(denoiser, settings, preset, ProgressBars.of(target))
         built.append(LoadRecord(
             network=network, path=None, format="created", schedule=settings.schedule, adapter_name=adapter_name,
             config=settings.metadata(preset),
@@ -171,8 +172,11 @@ def create_tlora(
 
 
 @torch.no_grad()
-def build_network(denoiser: nn.Module, settings: TLoRAConfig, preset: dict) -> LycorisNetwork:
-    """LyCORIS's network for the config and preset, on each layer's device, initialised as LyCORIS initialises it."""
+def build_network(
+    denoiser: nn.Module, settings: TLoRAConfig, preset: dict, progress: ProgressBars
+) -> LycorisNetwork:
+    """LyCORIS's network for the config and preset, on each layer's device, initialised as LyCORIS initialises it;
+    `progress` is the target pipeline's bar settings, which the SVD's bar follows."""
     from lycoris import create_lycoris
     from lycoris.wrapper import network_module_dict
 
@@ -196,7 +200,7 @@ def build_network(denoiser: nn.Module, settings: TLoRAConfig, preset: dict) -> L
         module.to(module.org_module[0].weight.device)
     batched = [module for module in network.loras if module.base_from_weights]
     if batched:
-        rebuild_base_terms(batched)
+        rebuild_base_terms(batched, progress=progress)
         for module in batched:
             module.q_layer.weight.copy_(module.base_q)
             module.p_layer.weight.copy_(module.base_p)

@@ -143,6 +143,19 @@ def unrunnable_conv(name: str, layer: nn.Module) -> str | None:
     )
 
 
+def refuse_unloaded_denoisers(target: Any) -> None:
+    """A `ModularPipeline` holds its components only once `load_components()` ran: say that, not that it has no
+    denoiser."""
+    if not is_modular_pipeline(target):
+        return
+    unloaded = [name for name, value in target.components.items() if name in DENOISER_SCHEDULERS and value is None]
+    if unloaded:
+        raise TLoRAError(
+            f"This {type(target).__name__} has not loaded its {' / '.join(unloaded)} yet: call "
+            f"pipe.load_components(...) (or pipe.update_components({unloaded[0]}=...)) before adding a T-LoRA."
+        )
+
+
 def no_modules_error(where: str, seen: list[str], detached: int) -> TLoRAError:
     """The error for a target whose forward path holds no T-LoRA module."""
     if detached:
@@ -171,6 +184,7 @@ def find_denoisers(target: Any) -> dict[str, tuple[nn.Module, list[TLoraModule]]
         if modules:
             found[name] = (module, modules)
     if not found:
+        refuse_unloaded_denoisers(target)
         where = f"this {type(target).__name__}"
         detached = sum(len(detached_tlora_modules(m)) for m in components.values())
         raise no_modules_error(where, [f"{n} ({type(m).__name__})" for n, m in components.items()], detached)

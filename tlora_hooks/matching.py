@@ -7,7 +7,15 @@ from typing import Any
 
 from torch import nn
 
-from .discovery import DENOISER_SCHEDULERS, components_of, is_pipeline, peft_base_layer, unrunnable_conv, unwrap
+from .discovery import (
+    DENOISER_SCHEDULERS,
+    components_of,
+    is_pipeline,
+    peft_base_layer,
+    refuse_unloaded_denoisers,
+    unrunnable_conv,
+    unwrap,
+)
 from .errors import TLoRAError
 from .formats import TLoraFile
 from .formats.lycoris import lycoris_name
@@ -49,6 +57,7 @@ def candidate_denoisers(target: Any, component: str | None) -> dict[str, nn.Modu
         return {component: modules[component]}
     denoisers = {name: module for name, module in modules.items() if name in DENOISER_SCHEDULERS}
     if not denoisers:
+        refuse_unloaded_denoisers(target)
         raise TLoRAError(
             f"This {type(target).__name__} has no denoiser attribute ({', '.join(DENOISER_SCHEDULERS)}); "
             "pass component= or the denoiser itself."

@@ -78,8 +78,9 @@ def pipeline_bar_settings(target: Any) -> Mapping[str, Any]:
     """What `set_progress_bar_config` stored: on a `DiffusionPipeline` itself, on a `ModularPipeline`'s blocks; {}
     where nothing was set.
 
-    A `ModularPipeline` hands the settings to those of its top-level blocks that run a loop, so where the loop sits
-    deeper (SDXL's and Wan's denoise steps in diffusers 0.42) nothing is stored, and the global switches decide.
+    A `ModularPipeline` hands the settings to those of its top-level blocks that run a loop, and its loops' own bars
+    read them there. Where every loop sits deeper (the full pipelines `from_pretrained` builds, in diffusers 0.42.1)
+    nothing is stored: the pipeline's own denoising bar shows and ours do too; the global switches silence both.
     """
     pending = [target, getattr(target, "_blocks", None)]
     while pending:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from torch import nn
 
-from .hooks import AdapterSettings, HookedAdapter
+from .hooks import AdapterSettings, HookedAdapter, next_mask_group
 from .logging import get_logger
 from .registration import register_network, unregister_network
 from .schedule import RankSchedule
@@ -30,7 +30,9 @@ NETWORK_RECORD_ATTRIBUTE = "_tlora_hooks_record"
 class LoadRecord:
     """One adapter `load_tlora` (or `create_tlora`) put on a denoiser.
 
-    `path` is None for a network `create_tlora` made; `config` is the LyCORIS config `save_tlora` writes.
+    `path` is None for a network `create_tlora` made; `config` is the LyCORIS config `save_tlora` writes. The
+    adapter keeps its LyCORIS mask group while it is loaded, however often the denoiser is hooked again (another
+    adapter's load or delete, a failed load put back).
     """
 
     network: LycorisNetwork
@@ -40,6 +42,7 @@ class LoadRecord:
     adapter_name: str = "default"
     config: dict[str, Any] = field(default_factory=dict)
     settings: AdapterSettings = field(default_factory=AdapterSettings)
+    group_id: int = field(default_factory=next_mask_group)
     # layer -> its own instance `forward` before any LyCORIS wrapper (None: it had none, the class's ran).
     original_forwards: list[tuple[nn.Module, Any]] = field(default_factory=list)
 
@@ -80,7 +83,7 @@ class LoadRecord:
 
     def hooked(self) -> HookedAdapter:
         """The adapter as the hooks run it, sharing this record's settings."""
-        return HookedAdapter(self.adapter_name, list(self.network.loras), self.schedule, self.settings)
+        return HookedAdapter(self.adapter_name, list(self.network.loras), self.schedule, self.settings, self.group_id)
 
 
 def already_applied(adapter_name: str) -> None:

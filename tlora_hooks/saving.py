@@ -10,7 +10,7 @@ from typing import Any
 
 from .discovery import components_of
 from .errors import TLoRAError
-from .formats.locate import KNOWN_FILE_NAMES
+from .formats.locate import DEFAULT_WEIGHT_NAME
 from .formats.lycoris import CONFIG_KEY, write
 from .formats.state import BaseTerms, ModuleWeights, TLoraFile
 from .records import NETWORK_RECORD_ATTRIBUTE, LoadRecord, loaded_adapters
@@ -40,7 +40,7 @@ def save_tlora(network_or_target: Any, path: str | os.PathLike, *, adapter_name:
     record = _record(network_or_target, adapter_name)
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = os.path.join(path, KNOWN_FILE_NAMES[0])
+        path = os.path.join(path, DEFAULT_WEIGHT_NAME)
     elif not path.endswith(".safetensors"):
         raise TLoRAError(f"save_tlora writes safetensors: give a .safetensors path or a folder, not {path!r}.")
     modules = {}

@@ -147,24 +147,42 @@ FAMILIES: tuple[Family, ...] = (
        "modular_sd3"),
     _f("Flux.1 (Modular Diffusers)", "FluxModularPipeline", "FluxTransformer2DModel", "modular_flux",
        note="the modular loop passes t/1000 unrounded (float32)"),
-    _f("Flux.1 Kontext (Modular Diffusers)", "FluxKontextModularPipeline", "FluxTransformer2DModel"),
+    _f("Flux.1 Kontext (Modular Diffusers)", "FluxKontextModularPipeline", "FluxTransformer2DModel",
+       "modular_flux_kontext"),
     _f("Flux.2 (Modular Diffusers)", "Flux2ModularPipeline Flux2KleinBaseModularPipeline",
        "Flux2Transformer2DModel", "modular_flux2 modular_flux2_klein_base",
        note="Klein base: one call per guider batch"),
-    _f("Flux.2 Klein distilled (Modular Diffusers)", "Flux2KleinModularPipeline", "Flux2Transformer2DModel"),
+    _f("Flux.2 Klein distilled (Modular Diffusers)", "Flux2KleinModularPipeline", "Flux2Transformer2DModel",
+       "modular_flux2_klein"),
     _f("Qwen-Image (Modular Diffusers)", "QwenImageModularPipeline", "QwenImageTransformer2DModel",
        "modular_qwen_image"),
     _f("Qwen-Image Edit / Layered (Modular Diffusers)",
        "QwenImageEditModularPipeline QwenImageEditPlusModularPipeline QwenImageLayeredModularPipeline",
-       "QwenImageTransformer2DModel"),
+       "QwenImageTransformer2DModel",
+       "modular_qwen_image_edit modular_qwen_image_edit_plus modular_qwen_image_layered"),
     _f("Wan 2.1 (Modular Diffusers)", "WanModularPipeline", "WanTransformer3DModel", "modular_wan21"),
     _f("Wan 2.2 A14B (Modular Diffusers)", "Wan22ModularPipeline", "WanTransformer3DModel", "modular_wan22_a14b",
        note="both experts hooked: `transformer` above boundary_ratio x 1000, `transformer_2` below"),
     _f("Wan image-to-video (Modular Diffusers)", "WanImage2VideoModularPipeline Wan22Image2VideoModularPipeline",
-       "WanTransformer3DModel"),
+       "WanTransformer3DModel", "modular_wan21_i2v modular_wan22_i2v_a14b",
+       note="Wan 2.2 A14B: both experts hooked"),
     _f("LTX-Video (Modular Diffusers)", "LTXModularPipeline", "LTXVideoTransformer3DModel", "modular_ltx"),
     _f("Anima (Modular Diffusers)", "AnimaModularPipeline", "CosmosTransformer3DModel",
        "test_modular.py::test_a_modular_pipeline_whose_denoiser_has_no_row_is_refused"),
+    _f("Modular pipelines of denoisers without a row", "Cosmos3DistilledModularPipeline Cosmos3OmniModularPipeline "
+       "EchoModularPipeline ErnieImageModularPipeline Flux3DistilledModularPipeline Flux3ModularPipeline "
+       "HeliosModularPipeline HeliosPyramidDistilledModularPipeline HeliosPyramidModularPipeline "
+       "HunyuanVideo15ModularPipeline Ideogram4ModularPipeline Krea2ModularPipeline Krea2TurboModularPipeline "
+       "LTX25ModularPipeline LTX2ModularPipeline MiniMaxH3ModularPipeline MiniMaxMusic3ModularPipeline "
+       "QwenImage21ModularPipeline QwenImage21TurboModularPipeline Wan22VaceModularPipeline "
+       "WanAnimate2DistilledModularPipeline WanAnimate2ModularPipeline ZImageModularPipeline",
+       "Cosmos3OmniTransformer LTX2VideoTransformer3DModel ErnieImageTransformer2DModel Flux3Transformer2DModel "
+       "HeliosTransformer3DModel HunyuanVideo15Transformer3DModel Ideogram4Transformer2DModel "
+       "Krea2Transformer2DModel MiniMaxH3Transformer3DModel MiniMaxMusic3Transformer1DModel "
+       "QwenImage21Transformer2DModel WanVACETransformer3DModel WanAnimate2Transformer3DModel "
+       "ZImageTransformer2DModel",
+       "test_modular.py::test_a_modular_pipeline_whose_denoiser_has_no_row_asks_for_timestep_fn",
+       unsupported="no row: enabling raises TLoRAError asking for timestep_fn= or register_convention"),
     _f("Any other denoiser class (Wan VACE, Framepack, LTX-2, Z-Image, ...)", "-", "-",
        "test_errors.py::test_unknown_denoiser_class_names_it_and_shows_timestep_fn "
        "test_conventions.py::test_register_convention_teaches_a_toy_denoiser",

@@ -37,5 +37,5 @@ def file_source(args: argparse.Namespace) -> FileSource:
 
     return FileSource(
         weight_name=args.weight_name, subfolder=args.subfolder, revision=args.revision, cache_dir=args.cache_dir,
-        token=args.token, local_files_only=args.local_files_only,
+        token=args.token, local_files_only=args.local_files_only, option_spelling="flag",
     )

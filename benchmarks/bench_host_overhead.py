@@ -8,7 +8,8 @@ input, so the kernels are negligible and the time is the host's: Python frames, 
 synchronising: launch cost only). Also times the per-denoiser-call mask update (`set_masks` + `clear_masks`), the
 fold's check for writes from outside alone (part of its `set_masks`), and the whole hook of an inference call
 (pre-hook + post-hook: reading the timestep, choosing the mask, setting and clearing it), which is where a call is
-told from a training call, and the guarded blocks' calls (each block's `BlockGuard` check against `plain`).
+told from a training call; the fast modes' comparison of the T-LoRA parameters' version counters (part of the
+mask update); and the guarded blocks' calls (each block's `BlockGuard` check against `plain`).
 Variants as in bench_forward.py; interleaved repetitions, medians. Prints a table and a `RESULT {json}` line.
 `--adapters 2` puts a second T-LoRA (half the rank, its own schedule) on the same layers, both as adapters of one
 hook, as `load_tlora(..., adapter_name=...)` twice does: what a second adapter costs per layer and per call.
@@ -76,6 +77,21 @@ def time_write_check(model, loops):
     for _ in range(loops):
         for stack in stacks:
             stack.take_outside_writes()
+    return (time.perf_counter() - start) / loops
+
+
+def time_version_check(model, loops):
+    """Seconds per comparison of the T-LoRA parameters' version counters with the fast mode's snapshot, which every
+    inference call runs so that parameters written outside training (a resumed checkpoint) are not missed; None for
+    `"lycoris"`, which reads the parameters themselves."""
+    from tlora_hooks.hooks import installed_hook
+
+    mode = installed_hook(model).mode
+    if not hasattr(mode, "_refresh_if_changed"):
+        return None
+    start = time.perf_counter()
+    for _ in range(loops):
+        mode._refresh_if_changed()
     return (time.perf_counter() - start) / loops
 
 
@@ -172,6 +188,7 @@ def main() -> None:
     samples = {name: [] for name in variants}
     updates = {name: [] for name in variants}
     checks = []
+    version_checks = []
     hooks = {name: [] for name in variants}
     block_calls = {name: [] for name in variants}
     for repetition in range(args.reps + 1):  # the first round is untimed
@@ -190,6 +207,9 @@ def main() -> None:
                     update = time_mask_update(model, mask, device, args.loops)
                     hook = time_hook(model, call, scheduler.timesteps[1].to(device), device, args.loops)
                     check = time_write_check(model, 100 * args.loops)
+                    version_check = time_version_check(model, 100 * args.loops)
+                    if repetition and version_check is not None:
+                        version_checks.append(version_check)
             if repetition:
                 samples[name].append(seconds)
                 block_calls[name].append(block_seconds)
@@ -215,6 +235,8 @@ def main() -> None:
         us_mask_update_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in updates.items() if v},
         us_fold_write_check_per_call=round(statistics.median(checks) * 1e6, 1) if checks else None,
         us_hook_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in hooks.items() if v},
+        tlora_parameters=sum(len(list(module.parameters())) for module in network.loras),
+        us_version_check_per_call=round(statistics.median(version_checks) * 1e6, 1) if version_checks else None,
         guarded_blocks=len(blocks),
         us_block_calls_per_call={name: round(statistics.median(v) * 1e6, 1) for name, v in block_calls.items()},
     )

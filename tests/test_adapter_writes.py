@@ -1,7 +1,7 @@
 """The T-LoRA parameters written outside a training call: a resumed checkpoint (`unet.load_state_dict`, as
-accelerate's `load_state` does), an optimizer step, `copy_` under no_grad. The fast modes keep factors built from
-them; the next call must use what was written, as LyCORIS's own forward (mode="lycoris", which reads the parameters
-on every call) does on a second pipeline given the same state dict.
+accelerate's `load_state` does, also with `assign=True`), an optimizer step, `copy_` under no_grad. The fast modes
+keep factors built from them; the next call must use what was written, as LyCORIS's own forward (mode="lycoris",
+which reads the parameters on every call) does on a second pipeline given the same state dict.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def trained_state() -> dict[str, torch.Tensor]:
 
 def write(unet, state: dict[str, torch.Tensor], how: str) -> None:
     """Give the adapter's parameters the checkpoint's values, the way `how` names."""
-    if how == "load_state_dict":
-        unet.load_state_dict(state)
+    if how in ("load_state_dict", "load_state_dict_assign"):  # assign=True puts new Parameter objects in place
+        unet.load_state_dict(state, assign=how.endswith("assign"))
         return
     parameters = {name: p for name, p in unet.named_parameters() if name.startswith("tlora.")}
     assert parameters, "the adapter is registered under the denoiser"
@@ -47,7 +47,7 @@ def write(unet, state: dict[str, torch.Tensor], how: str) -> None:
         torch.optim.SGD(parameters.values(), lr=1.0).step()
 
 
-@pytest.mark.parametrize("how", ["load_state_dict", "copy_under_no_grad", "optimizer_step"])
+@pytest.mark.parametrize("how", ["load_state_dict", "load_state_dict_assign", "copy_under_no_grad", "optimizer_step"])
 @pytest.mark.parametrize("mode", ["auto", "fold", "low_memory"])
 def test_parameters_written_outside_training_reach_the_next_call(mode, how):
     state = trained_state()

@@ -88,6 +88,10 @@ class TrainingMode:
         self.parameters = tlora_parameters(modules)
         self._routes: list[InstalledRoute] = []
         self._versions = self._parameter_versions()
+        # `load_state_dict(..., assign=True)` (a resume) puts new Parameter objects in place of the ones read here,
+        # whose versions then never move: a load marks the parameters to be read again.
+        self._reloaded = False
+        self._load_hooks = [module.register_load_state_dict_post_hook(self._mark_reloaded) for module in modules]
 
     # -- what the hooks and the handle read ----------------------------------------------------------------------
     @property
@@ -131,6 +135,8 @@ class TrainingMode:
         if self._routes:
             self._leave_training()
         self._clear_sample_masks()
+        for handle in self._load_hooks:
+            handle.remove()
         self.inner.remove()
 
     def _clear_sample_masks(self) -> None:
@@ -183,7 +189,13 @@ class TrainingMode:
     def _parameter_versions(self) -> tuple[int, ...]:
         return tuple(map(_version, self.parameters))
 
+    def _mark_reloaded(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
+        self._reloaded = True
+
     def _refresh_if_changed(self) -> None:
+        if self._reloaded:
+            self.parameters, self._reloaded = tlora_parameters(self.modules), False
+            self._versions = ()  # whatever their versions, the parameters may be new objects: read them again
         versions = self._parameter_versions()
         if versions != self._versions:
             self.inner.refresh()

@@ -99,7 +99,7 @@ def test_a_fused_peft_lora_stays_fused_and_unloading_everything_restores_the_ori
         torch.testing.assert_close(after[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
 
 
-def test_peft_loaded_after_the_fold_moves_its_layers_to_the_low_memory_path(sd3_file):
+def test_peft_loaded_after_the_fold_moves_its_layers_to_the_low_memory_mode(sd3_file):
     pipe, kw = tiny.sd3(rank=None, steps=3)
     handle = load_tlora(pipe, sd3_file, mode="fold")
     assert handle.mode == {"transformer": "fold"}
@@ -381,13 +381,17 @@ def test_the_fold_names_a_dtype_it_cannot_write_and_disabling_gives_w0_back_in_i
     assert_weights(weights(pipe.transformer), expected, "W0, converted", exact=True)
 
 
-def test_pipe_to_warns_once_per_move(sd3_file, caplog):
+@pytest.mark.parametrize("first_look", ["call", "state_dict"])
+def test_pipe_to_warns_once_per_move(sd3_file, caplog, first_look):
+    """Told once whether a call or `state_dict()` (whose hooks take the move in stack by stack) sees it first."""
     pipe, kw = tiny.sd3(rank=None, steps=3)
     load_tlora(pipe, sd3_file, mode="fold")
     run(pipe, kw, latents())
     assert len(installed_hook(pipe.transformer).mode.parts[0].stacks) > 1, "several stacks move"
     caplog.clear()
     pipe.to(torch.bfloat16)
+    if first_look == "state_dict":
+        pipe.transformer.state_dict()
     run(pipe, {k: v.to(torch.bfloat16) if torch.is_tensor(v) else v for k, v in kw.items()},
         latents().to(torch.bfloat16))
     moved = [r for r in caplog.records if r.name.startswith("tlora_hooks") and "moved" in r.getMessage()]

@@ -13,7 +13,7 @@ Between calls the weights hold W0 + the last call's delta, so what others write 
 (`weight_watch.py`) before anything reads W0 or overwrites the weights: before each call, in `state_dict()`, around
 each layer's `load_state_dict` and on removal (`FoldMode.sync`), so no call is needed in between. `state_dict()`
 gives W0, `load_state_dict` writes onto W0 and becomes the new W0, `pipe.to` is followed, a PEFT LoRA that wraps a
-folded layer moves it to the low-memory path (a fused PEFT delta stays in its weight), a write onto W0 becomes the
+folded layer moves it to the `"low_memory"` mode (a fused PEFT delta stays in its weight), a write onto W0 becomes the
 new W0, and a write onto W0 + the delta is a TLoRAError at the next call (dropped with a warning on removal). A write
 through `.data` in place moves no version counter and is not seen.
 """
@@ -327,7 +327,7 @@ class FoldMode(StackedMode):
     """Folds the masked delta into the weights once per denoiser call; the layers then run at plain speed.
 
     Extra memory: one copy of every folded weight, plus the stacked factors. Layers a PEFT LoRA wraps after
-    enabling leave the fold for the low-memory path (`evicted`), where fusing and unfusing that LoRA write the
+    enabling leave the fold for the `"low_memory"` mode (`evicted`), where fusing and unfusing that LoRA write the
     layer's own weight. What others did to the weights is taken in (`sync`) before every call, and also before
     `state_dict`, after each layer's `load_state_dict` and on removal, so nothing depends on a call coming between.
     """
@@ -338,6 +338,7 @@ class FoldMode(StackedMode):
         self.stacks: list[FoldStack] = []
         self.placement: dict[int, tuple[FoldStack, int]] = {}  # id of a folded layer -> (its stack, its index)
         self.evicted: LowMemoryMode | None = None
+        self._move_announced: tuple[torch.device, torch.dtype] | None = None  # the last move a warning told of
         self.denoiser_ref: Callable[[], nn.Module | None] = (
             weakref.ref(denoiser) if denoiser is not None else lambda: None
         )
@@ -417,8 +418,9 @@ class FoldMode(StackedMode):
             moved = {stack.take_outside_writes(dropping=dropping) for stack in
                      (self.stacks if stacks is None else [s for s in stacks if s in self.stacks])}
         moved.discard(None)
-        if moved and not dropping:
-            device, dtype = next(iter(moved))
+        # One move is taken in stack by stack where a state-dict hook syncs one layer's stack: say it once.
+        if moved and not dropping and moved != {self._move_announced}:
+            device, dtype = self._move_announced = next(iter(moved))
             logger.warning(
                 "T-LoRA fold: the denoiser's weights moved to %s/%s after enable_tlora; the fold's copy of the base "
                 "weights and its factors followed them (a one-off copy, which pipe.to(...) before enabling avoids).",
@@ -492,7 +494,7 @@ class FoldMode(StackedMode):
         return tuple(config.items()) if isinstance(config, dict) else ()
 
     def _follow_peft(self, dropping: bool = False) -> None:
-        """Once per change of the loaded PEFT adapters: folded layers PEFT now wraps go to the low-memory path.
+        """Once per change of the loaded PEFT adapters: folded layers PEFT now wraps go to the `"low_memory"` mode.
 
         A change is a new config object, not only a new name: diffusers names the next LoRA `default_0` again
         after `unload_lora_weights`."""

@@ -22,7 +22,7 @@ from .hooks import (
 )
 from .logging import get_logger
 from .modes import check_mode
-from .modes.build import check_forward_path
+from .modes.chain import ForwardPathCheck
 from .records import loaded_adapters
 from .schedule import RankSchedule
 
@@ -117,7 +117,7 @@ def hook_denoisers(
         # take their modules out of the chain until removed.
         if not any(installed_hook(module) is not None for module in denoiser.modules()):
             modules = [module for adapter in adapters for module in adapter.modules]
-            check_forward_path(modules, f"{name} ({type(denoiser).__name__})")
+            ForwardPathCheck(modules, f"{name} ({type(denoiser).__name__})")  # raises for a dropped module
     # The hooks replaced: with `replace_all` every component's, else these denoisers' (and hooks on a denoiser that a
     # wrapper, xDiT's, now holds).
     touched = [*replaced, *(module for denoiser, _ in found.values() for module in denoiser.modules())]

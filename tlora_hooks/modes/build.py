@@ -9,7 +9,7 @@ from torch import nn
 from ..discovery import peft_wrapped_layers
 from ..errors import TLoRAError
 from .auto import resolve_auto
-from .chain import ChainLink, HookNesting, dropped_error
+from .chain import ChainLink, HookNesting
 from .combined import CombinedMode, NestedMode
 from .factors import base_layer, foldable, has_offload_hook, takes_fast_mode
 from .fold import FoldMode
@@ -53,9 +53,7 @@ def split(modules: list[TLoraModule], denoiser: nn.Module | None) -> tuple[list,
 def _mask_group(groups: GroupModules, rest: list[TLoraModule]) -> LycorisMode:
     """LyCORIS's mask API for every module: it runs `rest` (modules no fast mode takes) and publishes each call's
     masks in the adapters' mask groups, so `get_timestep_mask(group)` means the same in every mode."""
-    mode = LycorisMode(groups, runs=rest)
-    mode.runs_modules = bool(rest)
-    return mode
+    return LycorisMode(groups, runs=rest)
 
 
 def _all(groups: GroupModules) -> list[TLoraModule]:
@@ -94,13 +92,6 @@ def check_mode(mode: str) -> None:
     """Raise for a mode name this version does not have."""
     if mode != "auto" and mode not in MODES:
         raise TLoRAError(f"Unknown mode {mode!r}: use 'auto' (the default) or one of {sorted(MODES)}.")
-
-
-def check_forward_path(modules: list[TLoraModule], where: str) -> None:
-    """Raise if a module is no longer called by its layer's forward (a hook removed since dropped it)."""
-    dropped = [module for module in modules if ChainLink.slot(module) is None]
-    if dropped:
-        raise dropped_error(dropped, where)
 
 
 def build_mode(mode: str, groups: GroupModules, denoiser: nn.Module | None = None) -> MaskMode:

@@ -32,7 +32,7 @@ from ..discovery import peft_wrapped_layers
 from ..errors import TLoRAError
 from ..logging import get_logger
 from . import fold_kernel
-from .chain import ChainLink, chained_forward, inner_first
+from .chain import ChainLink, chained_forward, unlink_all
 from .factors import Signature, base_layer, layer_factors, signature_mask
 from .low_memory import LowMemoryMode
 from .protocol import GroupMasks, GroupModules, by_group, group_of
@@ -349,14 +349,11 @@ class FoldMode(StackedMode):
                              self._watch_state(layer)]
 
     def _fold(self, modules: list[TLoraModule]) -> None:
+        self.links = unlink_all(modules, "the fold mode")  # inner first; raises having relinked what it unlinked
         try:
             by_layer: dict[int, list[TLoraModule]] = defaultdict(list)
-            for module in inner_first(modules):
-                link = ChainLink.unlink(module)
-                if link is None:
-                    raise TLoRAError(f"T-LoRA module {module.lora_name} is not where LyCORIS apply_to() put it.")
-                self.links.append(link)
-                by_layer[id(base_layer(module))].append(module)
+            for link in self.links:
+                by_layer[id(base_layer(link.module))].append(link.module)
             by_key: dict[tuple, list[list[TLoraModule]]] = defaultdict(list)
             for layer_modules in by_layer.values():
                 weight = base_layer(layer_modules[0]).weight

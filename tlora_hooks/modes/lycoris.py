@@ -9,6 +9,7 @@ import torch
 
 from ..errors import TLoRAError
 from .chain import ForwardPathCheck
+from .per_sample import SampleMasks
 from .protocol import GroupMasks, GroupModules
 
 if TYPE_CHECKING:
@@ -19,11 +20,10 @@ class LycorisMode:
     """Keeps LyCORIS's module forward and sets each adapter's mask in its own LyCORIS mask group."""
 
     name = "lycoris"
-    # False where the fast modes run every module and this one only publishes the masks in the groups.
-    runs_modules = True
-
     def __init__(self, groups: GroupModules, runs: list[TLoraModule] | None = None) -> None:
         self.groups = groups
+        # False where the fast modes run every module and this one only publishes the masks in the groups.
+        self.runs_modules = runs is None or bool(runs)
         self.modules = [module for modules in groups.values() for module in modules]
         # The modules whose LyCORIS forward this mode runs must stay in their layers' forward chains.
         self.path_check = ForwardPathCheck(self.modules if runs is None else runs, "the lycoris mode")
@@ -44,24 +44,23 @@ class LycorisMode:
 
     def set_masks(self, masks: GroupMasks) -> None:
         self.path_check.check()
-        for group, mask in masks.items():
-            set_group_mask(mask, group)
+        set_group_masks(masks)
 
     def set_sample_masks(self, masks: GroupMasks) -> None:
         """A training call: LyCORIS holds one mask per call, so every sample must have the same rank."""
         for mask in masks.values():
-            if mask.shape[0] > 1 and not bool((mask == mask[:1]).all()):
-                ranks = [int(rank) for rank in (mask != 0).sum(dim=1).tolist()]
+            sample = SampleMasks(mask)
+            if not sample.uniform():
                 raise TLoRAError(
-                    f"mode='lycoris' runs LyCORIS's own forward, which holds one mask per call (set_timestep_mask), "
-                    f"but the samples of this batch need ranks {ranks}. The default mode trains with one mask per "
-                    "sample: enable_tlora(..., mode='auto'). Or give every sample of a batch the same timestep."
+                    "mode='lycoris' runs LyCORIS's own forward, which holds one mask per call (set_timestep_mask), "
+                    f"but the samples of this batch need ranks {sample.ranks()}. The default mode trains with one "
+                    "mask per sample: enable_tlora(..., mode='auto'). Or give every sample of a batch the same "
+                    "timestep."
                 )
         self.set_masks({group: mask[:1].to(self.mask_dtype) for group, mask in masks.items()})
 
     def clear_masks(self) -> None:
-        for group in self.groups:
-            set_group_mask(None, group)
+        set_group_masks(dict.fromkeys(self.groups))
 
     def refresh(self) -> None:
         """Nothing to rebuild: LyCORIS reads its parameters on every call."""

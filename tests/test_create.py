@@ -17,7 +17,7 @@ import tiny
 from compat_tools import expected_ranks, layer_state, run
 from conftest import lycoris_rank
 from devtools.lycoris_build import lycoris_without_gc
-from tlora_hooks import TLoRAError, create_tlora, load_tlora, unload_tlora
+from tlora_hooks import TLoRAError, create_tlora, enable_tlora, get_tlora_adapters, load_tlora, unload_tlora
 from tlora_hooks.discovery import applied_tlora_modules
 from tlora_hooks.hooks import installed_hook
 from tlora_hooks.modes.per_sample import get_sample_masks
@@ -608,3 +608,18 @@ def test_sequential_offload_leaves_the_registered_adapter_its_weights(mode):
         outputs.append(run(pipe, kw, latents()))
         assert all(p.device.type == "cpu" for p in network.parameters())
     assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("adapter_name", ["default", "other"])
+def test_create_inside_an_open_with_block_is_refused_and_the_block_keeps_its_hooks(adapter_name):
+    """As `load_tlora` there: a create that took the block's hooks off would leave the rest of the block unmasked."""
+    pipe, kw = tiny.sdxl(rank=None, steps=2)
+    tiny.perturbed(create_tlora(pipe, config()))
+    with enable_tlora(pipe, max_rank=8, min_rank=2):
+        hook = installed_hook(pipe.unet)
+        inside = run(pipe, kw, latents())
+        with pytest.raises(TLoRAError, match="create_tlora on unet, whose T-LoRA hooks belong to an open"):
+            create_tlora(pipe, config(), adapter_name=adapter_name)
+        assert installed_hook(pipe.unet) is hook and hook.in_block
+        assert torch.equal(run(pipe, kw, latents()), inside), "the block still masks with its own adapter"
+    assert set(get_tlora_adapters(pipe)["unet"]) == {"default"}

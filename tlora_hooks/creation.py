@@ -161,7 +161,7 @@ def create_tlora(
         return built[-1]
 
     match = Match(component=name, denoiser=denoiser, layers={}, unmatched=[])
-    swap_adapter(target, match, adapter_name, build, options)
+    swap_adapter(target, match, adapter_name, build, options, "create_tlora")
     network = built[-1].network
     logger.info(
         "Created a T-LoRA on %s: %d modules, rank %d, min_rank %d, alpha %s, linear_alpha %s",

@@ -127,8 +127,6 @@ def load_tlora(
             "%s: skipped %d keys its trainer built but never used in its forward (e.g. %s)",
             tlora_file.path, len(tlora_file.unused_keys), tlora_file.unused_keys[0],
         )
-    _refuse_foreign_modules(match)
-    refuse_inside_open_block([match.denoiser], "load_tlora")
     pipeline = target if is_pipeline(target) else None
     options = hook_options(match.denoiser, adapter_name, mode, timestep_fn, scheduler)
     if options.timestep_fn is None:
@@ -145,7 +143,7 @@ def load_tlora(
             config=training_config(tlora_file.metadata),
         )
 
-    handle = swap_adapter(target, match, adapter_name, build, options)
+    handle = swap_adapter(target, match, adapter_name, build, options, "load_tlora")
     logger.info(
         "Loaded %s (%s) onto %s as adapter %r: %d modules, rank %d, min_rank %d, alpha %s, multiplier %s",
         tlora_file.path, tlora_file.format, match.component, adapter_name, len(match.layers),
@@ -340,15 +338,18 @@ def _fill(module: TLoraModuleWithoutSvd, weights: ModuleWeights) -> None:
 
 
 def swap_adapter(
-    target: Any, match: Match, adapter_name: str, build: Callable[[], LoadRecord], options: HookOptions
+    target: Any, match: Match, adapter_name: str, build: Callable[[], LoadRecord], options: HookOptions, verb: str
 ) -> TLoRAHandle:
     """Add the adapter `build()` makes to the denoiser, replacing the one of that name, and hook every adapter.
 
     The denoiser's hooks come off first and the replaced adapter's modules with them, so `build()` sees the model's
     own weights (the fold keeps a delta in them between calls). On any failure the denoiser is put back exactly as
-    it was: its adapters, their modules and their hooks.
+    it was: its adapters, their modules and their hooks. `verb` (`load_tlora`, `create_tlora`) names the call in
+    errors.
     """
     _refuse_foreign_modules(match)
+    # Here, before the hooks come off: afterwards no open block's hooks are left to see.
+    refuse_inside_open_block([match.denoiser], verb)
     denoiser = match.denoiser
     previous = loaded_adapters(denoiser)
     replaced = previous.records.get(adapter_name) if previous is not None else None

@@ -158,7 +158,7 @@ def cache_cold_load(unet, path: str, cache: str, device: str, layers: dict) -> d
 
 
 def base_terms(unet) -> dict:
-    return {module.lora_name: tuple(getattr(module, buffer).clone() for buffer in base_cache.BUFFERS)
+    return {module.lora_name: tuple(getattr(module, buffer).clone() for buffer in base_cache.BASE_TERM_NAMES)
             for module in applied_tlora_modules(unet)}
 
 

@@ -81,7 +81,7 @@ def run(pipe, kw):
 
 def base_terms(pipe) -> dict[str, tuple[torch.Tensor, ...]]:
     return {
-        module.lora_name: tuple(getattr(module, name).detach().clone() for name in base_cache.BUFFERS)
+        module.lora_name: tuple(getattr(module, name).detach().clone() for name in base_cache.BASE_TERM_NAMES)
         for module in applied_tlora_modules(pipe.unet)
     }
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from . import rebuild
 from .errors import TLoRAError
+from .formats.state import BASE_TERM_NAMES
 from .logging import get_logger
 from .progress import ProgressBars
 
@@ -35,7 +36,6 @@ CACHE_FORMAT_VERSION = "1"
 CACHE_FORMAT = "tlora-hooks-base-cache"
 FILE_INFIX = ".tlora-base-"
 KEY_CHARACTERS = 16
-BUFFERS = ("base_q", "base_p", "base_lambda")
 HASH_CHUNK_BYTES = 1 << 20
 # Integer views of a weight's bytes, by element size: the checksum reads bits, so it is exact for every dtype.
 INTEGER_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -149,12 +149,12 @@ def _read_into(modules: Sequence[TLoraModule], path: str, key: str, method: str)
             wrong = [name for name, value in expected.items() if metadata.get(name) != value]
             if wrong:
                 return f"its {', '.join(wrong)} metadata does not match this load"
-            names = {f"{module.lora_name}.{buffer}" for module in modules for buffer in BUFFERS}
+            names = {f"{module.lora_name}.{buffer}" for module in modules for buffer in BASE_TERM_NAMES}
             if set(handle.keys()) != names:
                 return f"it holds other modules ({len(set(handle.keys()))} tensors, expected {len(names)})"
             cached = {}
             for module in modules:
-                for buffer in BUFFERS:
+                for buffer in BASE_TERM_NAMES:
                     tensor = handle.get_tensor(f"{module.lora_name}.{buffer}")
                     target = getattr(module, buffer)
                     if tensor.shape != target.shape or tensor.dtype != target.dtype:
@@ -175,7 +175,7 @@ def _write(modules: Sequence[TLoraModule], path: str, key: str, method: str, sou
     """Write atomically (a temporary file in the same folder, then `os.replace`); warn and go on where it fails."""
     tensors = {
         f"{module.lora_name}.{buffer}": getattr(module, buffer).detach().to("cpu", copy=True).contiguous()
-        for module in modules for buffer in BUFFERS
+        for module in modules for buffer in BASE_TERM_NAMES
     }
     metadata = {
         "format": CACHE_FORMAT, "version": CACHE_FORMAT_VERSION, "key": key, "method": method,

@@ -12,7 +12,7 @@ from .discovery import components_of
 from .errors import TLoRAError
 from .formats.locate import DEFAULT_WEIGHT_NAME
 from .formats.lycoris import CONFIG_KEY, write
-from .formats.state import BaseTerms, ModuleWeights, TLoraFile
+from .formats.state import BASE_TERM_NAMES, BaseTerms, ModuleWeights, TLoraFile
 from .records import NETWORK_RECORD_ATTRIBUTE, LoadRecord, loaded_adapters
 
 
@@ -47,7 +47,7 @@ def save_tlora(network_or_target: Any, path: str | os.PathLike, *, adapter_name:
     for module in record.network.loras:
         base = None
         if not module.base_from_weights:
-            base = BaseTerms(*(getattr(module, name).detach().cpu() for name in ("base_q", "base_p", "base_lambda")))
+            base = BaseTerms(*(getattr(module, name).detach().cpu() for name in BASE_TERM_NAMES))
         modules[module.lora_name] = ModuleWeights(
             q=module.q_layer.weight.detach().cpu(), p=module.p_layer.weight.detach().cpu(),
             lam=module.lambda_layer.detach().cpu(), alpha=module.scale * module.lora_dim, base=base,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from lycoris.modules.tlora import TLoraModule
 from torch import nn
 
-BASE_TERMS = ("base_q", "base_p", "base_lambda")
+from .formats.state import BASE_TERM_NAMES
 
 
 class TLoraModuleWithoutSvd(TLoraModule):
@@ -37,11 +37,11 @@ class TLoraModuleWithoutSvd(TLoraModule):
     def custom_state_dict(self) -> dict:
         state = super().custom_state_dict()
         if not self.base_from_weights:
-            state.update({name: getattr(self, name) for name in BASE_TERMS})
+            state.update({name: getattr(self, name) for name in BASE_TERM_NAMES})
         return state
 
     def load_weight_prehook(self, state_dict: dict, prefix: str, *args) -> None:
         """A state dict without base terms (LyCORIS's layout) keeps the module's own, as LyCORIS's loader rebuilds
         them rather than reading them: loading never fails for their absence."""
-        for name in BASE_TERMS:
+        for name in BASE_TERM_NAMES:
             state_dict.setdefault(prefix + name, getattr(self, name))

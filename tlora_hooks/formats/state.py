@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+# LyCORIS's names of a T-LoRA module's frozen base buffers, in `BaseTerms`' order.
+BASE_TERM_NAMES = ("base_q", "base_p", "base_lambda")
+
 
 @dataclass
 class BaseTerms:
